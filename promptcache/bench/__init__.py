@@ -1,0 +1,1 @@
+"""Benchmarks: promptcache against transformers on the same weights, ratios measured in one run."""

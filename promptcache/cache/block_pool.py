@@ -1,0 +1,218 @@
+"""The pool of KV blocks: reference counts, the content-address index, and lazy O(1) LRU eviction.
+
+This module knows nothing of tensors: a block is an index into the KV tensor that the runner owns.
+
+Every block is in exactly one of three states (NOTE: invariant, see ``check_integrity``):
+- free:     ref_count == 0, not registered; in ``_free`` (reused first, nothing is lost by taking it);
+- cached:   ref_count == 0, registered under its hash; in ``_evictable`` in LRU order, oldest first;
+- in use:   ref_count > 0 (it may also be registered, and then other requests can share it).
+Pinned blocks (explicit cache breakpoints with a TTL) are cached blocks that are held out of ``_evictable`` until
+their pin expires.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from promptcache.cache.hashing import BlockHash, block_hash
+
+
+@dataclass(eq=False)
+class Block:
+    """One block of ``block_size`` token slots in every layer's K and V."""
+
+    block_id: int
+    ref_count: int = 0
+    block_hash: BlockHash | None = None
+    parent_hash: BlockHash | None = None
+    token_ids: tuple[int, ...] | None = None  # kept for the integrity check and for explaining misses
+    pinned_until: float = 0.0
+
+
+class BlockPool:
+    """Owns the blocks of one KV cache; hands them out, shares registered ones, evicts the least recently used."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True, clock: Callable[[], float] = time.monotonic):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: deque[Block] = deque(self.blocks)
+        self._evictable: OrderedDict[int, Block] = OrderedDict()
+        self._pinned: dict[int, Block] = {}  # cached (ref 0) blocks held by an unexpired pin
+        self._index: dict[BlockHash, Block] = {}
+        self._clock = clock
+        self.num_evictions = 0
+
+    # ---- counts -------------------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        """Blocks holding nothing worth keeping."""
+        return len(self._free)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered blocks no request uses: kept for future hits, evicted when the pool needs room."""
+        return len(self._evictable) + len(self._pinned)
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for b in self.blocks if b.pinned_until > self._clock())
+
+    @property
+    def num_in_use(self) -> int:
+        return self.num_blocks - self.num_free - self.num_cached
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation may take now: free ones, then cached unpinned ones (by eviction)."""
+        self._expire_pins()
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_registered(self) -> int:
+        return len(self._index)
+
+    # ---- lookup -------------------------------------------------------------------------------------------
+    def lookup(self, h: BlockHash) -> Block | None:
+        return self._index.get(h)
+
+    def match(self, hashes: Iterable[BlockHash]) -> list[Block]:
+        """The longest run of registered blocks for a chain of hashes, from its root on (not acquired)."""
+        out: list[Block] = []
+        if not self.enable_caching:
+            return out
+        for h in hashes:
+            blk = self._index.get(h)
+            if blk is None:
+                break
+            out.append(blk)
+        return out
+
+    # ---- reference counting -------------------------------------------------------------------------------
+    def acquire(self, blocks: Iterable[Block]) -> None:
+        """Take a reference on blocks found by ``match`` (a cached block leaves the eviction list)."""
+        for blk in blocks:
+            if blk.ref_count == 0:
+                self._evictable.pop(blk.block_id, None)
+                self._pinned.pop(blk.block_id, None)
+            blk.ref_count += 1
+
+    def allocate(self, n: int) -> list[Block]:
+        """``n`` blocks with ref_count 1; free blocks first, then the least recently used cached ones.
+
+        Raises MemoryError when fewer than ``n`` are available; callers check ``num_available`` first.
+        """
+        if n > self.num_available:
+            raise MemoryError(f"asked for {n} KV blocks, {self.num_available} available")
+        out: list[Block] = []
+        for _ in range(n):
+            if self._free:
+                blk = self._free.popleft()
+            else:
+                _, blk = self._evictable.popitem(last=False)
+                self._unregister(blk)
+                self.num_evictions += 1
+            blk.ref_count = 1
+            out.append(blk)
+        return out
+
+    def release(self, blocks: Iterable[Block]) -> None:
+        """Drop a reference on each block, in the order given.
+
+        Callers release a sequence's blocks tail first, so that the end of a chain is evicted before its head
+        (a head block is shared by more futures than its tail).
+        """
+        now = self._clock()
+        for blk in blocks:
+            if blk.ref_count <= 0:
+                raise RuntimeError(f"block {blk.block_id} released more often than acquired")
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                if blk.block_hash is None:
+                    self._free.append(blk)
+                elif blk.pinned_until > now:
+                    self._pinned[blk.block_id] = blk
+                else:
+                    self._evictable[blk.block_id] = blk
+
+    # ---- registration ---------------------------------------------------------------------------------------
+    def register(self, blk: Block, parent: BlockHash, token_ids: tuple[int, ...], h: BlockHash) -> Block:
+        """Give an in-use block whose KV is written its content address; returns the block now under ``h``.
+
+        NOTE: only call after the block's KV is written. If another block already holds the same content
+        (two requests computed one prefix at once), the index keeps the first; this block stays private and
+        returns to the free list when released.
+        """
+        if not self.enable_caching or blk.block_hash is not None:
+            return blk
+        existing = self._index.get(h)
+        if existing is not None:
+            return existing
+        blk.block_hash, blk.parent_hash, blk.token_ids = h, parent, token_ids
+        self._index[h] = blk
+        return blk
+
+    def _unregister(self, blk: Block) -> None:
+        if blk.block_hash is not None:
+            del self._index[blk.block_hash]
+        blk.block_hash = blk.parent_hash = blk.token_ids = None
+        blk.pinned_until = 0.0
+
+    # ---- pins (explicit cache breakpoints with a TTL) -------------------------------------------------------
+    def pin(self, blocks: Iterable[Block], until: float) -> None:
+        """Protect registered blocks from eviction until ``until`` (clock seconds); extends, never shortens."""
+        for blk in blocks:
+            if blk.block_hash is None:
+                continue
+            blk.pinned_until = max(blk.pinned_until, until)
+            if blk.ref_count == 0 and self._evictable.pop(blk.block_id, None) is not None:
+                self._pinned[blk.block_id] = blk
+
+    def _expire_pins(self) -> None:
+        if not self._pinned:
+            return
+        now = self._clock()
+        for bid in [bid for bid, blk in self._pinned.items() if blk.pinned_until <= now]:
+            self._evictable[bid] = self._pinned.pop(bid)
+
+    def reset(self) -> int:
+        """Forget every cached block no request uses (pins included); returns how many were dropped."""
+        dropped = list(self._evictable.values()) + list(self._pinned.values())
+        self._evictable.clear()
+        self._pinned.clear()
+        for blk in dropped:
+            self._unregister(blk)
+            self._free.append(blk)
+        for blk in self.blocks:  # in-use blocks stay registered: a running request still reads them
+            blk.pinned_until = 0.0
+        return len(dropped)
+
+    # ---- integrity ------------------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        """Raise AssertionError if any invariant of the pool is broken (used by tests and debug runs)."""
+        free_ids = {b.block_id for b in self._free}
+        evict_ids = set(self._evictable)
+        pinned_ids = set(self._pinned)
+        assert len(free_ids) == len(self._free), "a block is twice in the free list"
+        assert not (free_ids & evict_ids) and not (free_ids & pinned_ids) and not (evict_ids & pinned_ids)
+        in_use = 0
+        for blk in self.blocks:
+            bid = blk.block_id
+            if blk.ref_count > 0:
+                in_use += 1
+                assert bid not in free_ids | evict_ids | pinned_ids, f"in-use block {bid} is on a free list"
+            elif blk.block_hash is None:
+                assert bid in free_ids, f"unregistered idle block {bid} is not free"
+            else:
+                assert bid in evict_ids | pinned_ids, f"cached block {bid} is not evictable nor pinned"
+            if blk.block_hash is not None:
+                assert self._index.get(blk.block_hash) is blk, f"block {bid} is not indexed under its hash"
+                assert blk.token_ids is not None and blk.parent_hash is not None
+                assert block_hash(blk.parent_hash, blk.token_ids) == blk.block_hash, f"block {bid} hash mismatch"
+        assert len(free_ids) + len(evict_ids) + len(pinned_ids) + in_use == self.num_blocks
+        assert all(b.block_hash == h for h, b in self._index.items())

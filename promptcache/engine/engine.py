@@ -1,0 +1,284 @@
+"""The synchronous engine core: admit requests, step the scheduler and the model, finish and stream outputs."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from promptcache.cache.manager import KVCacheManager
+from promptcache.engine.request import Request, RequestOutput, SamplingParams
+from promptcache.engine.runner import ModelRunner
+from promptcache.engine.sampler import Sampler
+from promptcache.engine.scheduler import Scheduler
+from promptcache.model.config import ModelConfig
+from promptcache.model.loader import check_model_folder, load_model, model_fingerprint
+from promptcache.tokenizer import IncrementalDetokenizer, Tokenizer
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class EngineConfig:
+    """Everything that shapes an engine; ``LLM(...)`` keyword arguments land here."""
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    kv_cache_memory_gb: float | None = None
+    num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use tiny pools)
+    enable_prefix_caching: bool = True
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    scheduling_policy: str = "fcfs"
+    seed: int | None = 0
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        name = self.dtype
+        if name == "auto":
+            name = "bfloat16" if device.type == "cuda" else "float32"
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)} or 'auto', got {name!r}")
+        return DTYPES[name]
+
+
+class LLMEngine:
+    """Owns the model, tokenizer, KV cache, scheduler and sampler; ``step()`` advances every running request."""
+
+    def __init__(self, config: EngineConfig | None = None):
+        self.config = cfg = config or EngineConfig()
+        self.model_path = check_model_folder(cfg.model or DEFAULT_MODEL)
+        self.device = cfg.resolved_device()
+        self.dtype = cfg.resolved_dtype(self.device)
+        self.model_config = ModelConfig.from_pretrained(self.model_path)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        if cfg.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {cfg.block_size}")
+        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
+        self.fingerprint = model_fingerprint(self.model_path)
+        num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
+        self.kv = KVCacheManager(num_blocks, cfg.block_size, self.fingerprint, str(self.dtype), cfg.enable_prefix_caching)
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
+        self.sampler = Sampler(self.device, cfg.seed)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- sizing ---------------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """2 x layers x kv_heads x head_dim x dtype bytes: the K and V of one token in every layer."""
+        return self.model_config.kv_bytes_per_token * torch.tensor([], dtype=self.dtype).element_size()
+
+    def _blocks_from_memory(self) -> int:
+        per_block = self.kv_bytes_per_token * self.config.block_size
+        budget_gb = self.config.kv_cache_memory_gb
+        if budget_gb is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.85)
+            else:  # a quarter of available RAM, at most 4 GiB: the rest belongs to the process and its neighbours
+                budget = min(4 << 30, psutil.virtual_memory().available // 4)
+        else:
+            budget = int(budget_gb * (1 << 30))
+        blocks = budget // per_block
+        if blocks < 1:
+            raise ValueError(f"kv_cache_memory_gb={budget_gb} holds no block of {per_block} bytes")
+        return int(blocks)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for any request the engine cannot serve as asked; changes nothing."""
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not isinstance(t, int) or isinstance(t, bool) for t in prompt_ids):
+            raise ValueError("prompt token ids must be integers")
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}, "
+                "and at least one token must be generated"
+            )
+        params.validate(vocab)
+        total = min(len(prompt_ids) + params.max_tokens, self.max_model_len)
+        if self.kv.blocks_for(total) > self.kv.pool.num_blocks:
+            raise ValueError(
+                f"prompt plus max_tokens needs {self.kv.blocks_for(total)} KV blocks; the cache has "
+                f"{self.kv.pool.num_blocks}"
+            )
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        namespace: str = "default",
+        request_id: str | None = None,
+    ) -> Request:
+        """Validate and queue one request; raises ValueError (and queues nothing) on bad input."""
+        params = params or SamplingParams()
+        prompt_ids = self.encode_prompt(prompt)
+        self.validate(prompt_ids, params)
+        rid = request_id or f"req-{next(self._ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        req = Request(
+            request_id=rid,
+            prompt_token_ids=prompt_ids,
+            params=params,
+            namespace=namespace,
+            seq=self.kv.new_seq(namespace),
+            prompt=prompt if isinstance(prompt, str) else None,
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        self.requests[rid] = req
+        self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its blocks; False if it is unknown or already finished."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- stepping -------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduler step; returns an output for every request that got a token or finished."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        self.num_steps += 1
+        now = time.perf_counter()
+        for req, _ in batch.work:
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = now
+        logits, sampled = self.runner.execute(batch.work)
+        for req, n in batch.work:
+            req.num_computed += n
+            self.kv.commit(req.seq, req.token_ids, req.num_computed)
+        if logits is None:
+            return []
+        tokens, logprobs = self.sampler.sample(logits, [r.request_id for r in sampled], [r.params for r in sampled])
+        now = time.perf_counter()
+        return [self._append(req, tok, lp, now) for req, tok, lp in zip(sampled, tokens, logprobs)]
+
+    def _append(self, req: Request, token: int, logprob: dict | None, now: float) -> RequestOutput:
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        req.token_ids.append(token)
+        if logprob is not None and req.logprobs is not None:
+            req.logprobs.append(logprob)
+        params = req.params
+        prev_len = len(req.text)
+        if token in req.eos_token_ids or token in params.stop_token_ids:
+            self._finish(req, "stop", stop_reason=token)
+        else:
+            req.text += self._detok[req.request_id].push(token)
+            if params.stop and self._check_stop_strings(req, prev_len):
+                pass
+            elif req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len:
+                self._finish(req, "length")
+        return self._output(req, new_tokens=[token], new_text=req.text[prev_len:])
+
+    def _check_stop_strings(self, req: Request, prev_len: int) -> bool:
+        """Finish at the first stop string that the new text completes; the text is cut before it."""
+        stops = req.params.stop or []
+        longest = max(len(s) for s in stops)
+        window_start = max(0, prev_len - longest + 1)
+        best: tuple[int, str] | None = None
+        for s in stops:
+            at = req.text.find(s, window_start)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, s)
+        if best is None:
+            return False
+        at, s = best
+        req.text = req.text[: at + len(s)] if req.params.include_stop_str_in_output else req.text[:at]
+        self._finish(req, "stop", stop_reason=s)
+        return True
+
+    def _finish(self, req: Request, reason: str, stop_reason: int | str | None = None) -> None:
+        if reason != "stop" or isinstance(stop_reason, int):
+            req.text += self._detok[req.request_id].finish()
+        req.finish_reason, req.stop_reason = reason, stop_reason
+        req.metrics.finished_time = time.perf_counter()
+        self.scheduler.finish(req)
+        self.sampler.forget(req.request_id)
+        self._detok.pop(req.request_id, None)
+
+    def _output(self, req: Request, new_tokens: list[int], new_text: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            token_ids=req.output_token_ids,
+            text=req.text,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens or 0,
+            metrics=req.metrics,
+            logprobs=req.logprobs,
+            finished=req.finished,
+            new_token_ids=new_tokens,
+            new_text=new_text,
+        )
+
+    def output_of(self, request_id: str) -> RequestOutput:
+        req = self.requests[request_id]
+        return self._output(req, [], "")
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's record (the engine keeps them until the caller has read them)."""
+        req = self.requests.get(request_id)
+        if req is not None and req.finished:
+            del self.requests[request_id]
+
+    # ---- introspection --------------------------------------------------------------------------------------
+    def cache_stats(self) -> dict[str, int | float]:
+        pool = self.kv.pool
+        return {
+            "block_size": self.kv.block_size,
+            "num_blocks": pool.num_blocks,
+            "blocks_free": pool.num_free,
+            "blocks_cached": pool.num_cached,
+            "blocks_in_use": pool.num_in_use,
+            "blocks_pinned": pool.num_pinned,
+            "registered_blocks": pool.num_registered,
+            "evictions": pool.num_evictions,
+            "query_tokens": self.kv.query_tokens,
+            "hit_tokens": self.kv.hit_tokens,
+            "hit_rate": self.kv.hit_tokens / self.kv.query_tokens if self.kv.query_tokens else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "kv_cache_bytes": self.runner.kv_cache_bytes,
+        }

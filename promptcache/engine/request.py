@@ -1,0 +1,164 @@
+"""A request's parameters, its live state inside the engine, and what it returns to the caller."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from promptcache.cache.manager import SeqBlocks
+
+
+@dataclass
+class SamplingParams:
+    """How to generate: shaped like vLLM's ``SamplingParams``.
+
+    temperature 0 is greedy. ``seed`` makes sampling reproducible per request, whatever else is in the batch.
+    ``logprobs`` asks for the top-n log-probabilities of each generated token (the sampled one always included).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 16
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise ValueError naming the first parameter out of range."""
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ValueError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+        if any(not s for s in self.stop or []):
+            raise ValueError("stop strings must be non-empty")
+        bad = [t for t in self.stop_token_ids or [] if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids {bad} are outside the vocabulary (size {vocab_size})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Logprob:
+    """Log-probability of one token (vLLM's shape); ``rank`` is 1 for the most likely token."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+@dataclass
+class RequestMetrics:
+    """Timestamps (time.perf_counter seconds) and the durations a user asks about."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_time(self) -> float | None:
+        if self.first_token_time is None or self.finished_time is None:
+            return None
+        return self.finished_time - self.first_token_time
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled_time is None else self.first_scheduled_time - self.arrival_time
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Request:
+    """One sequence inside the engine. ``token_ids`` is prompt + output; KV of ``token_ids[:num_computed]`` is written."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    namespace: str
+    seq: SeqBlocks
+    prompt: str | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    token_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    num_cached_tokens: int | None = None  # prompt tokens whose KV came from the cache, fixed at first admission
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    num_preemptions: int = 0
+    logprobs: list[dict[int, Logprob]] | None = None
+    text: str = ""
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What ``LLM.generate`` returns per prompt (and what the engine streams, with ``finished`` False)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    num_cached_tokens: int
+    metrics: RequestMetrics
+    logprobs: list[dict[int, Logprob]] | None = None
+    finished: bool = True
+    new_token_ids: list[int] = field(default_factory=list)  # tokens since the previous output of a stream
+    new_text: str = ""

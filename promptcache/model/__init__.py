@@ -1,0 +1,1 @@
+"""Model definitions, weight loading and attention over the paged KV cache."""

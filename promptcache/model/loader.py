@@ -1,0 +1,134 @@
+"""Load a Hugging Face model folder (one or many safetensors files) into ``LlamaForCausalLM``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from promptcache.model.config import ModelConfig
+from promptcache.model.llama import LlamaForCausalLM
+
+REQUIRED_FILES = ("config.json", "tokenizer.json")
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Fail early, naming what is missing, if ``path`` is not a usable Hugging Face model folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ValueError(f"model folder {folder} does not exist")
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if not weight_files(folder):
+        missing.append("*.safetensors (model.safetensors, or shards with model.safetensors.index.json)")
+    if missing:
+        raise ValueError(f"model folder {folder} is missing: {', '.join(missing)}")
+    return folder
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files of a model: those named by the index if there is one, else every *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [folder / n for n in names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ValueError(f"model folder {folder} is missing shards named by its index: {', '.join(absent)}")
+        return files
+    return sorted(folder.glob("*.safetensors"))
+
+
+def model_fingerprint(folder: Path) -> str:
+    """A stable identity for the weights, the root of every cache address: config plus each file's header and ends.
+
+    Reading whole multi-GB files would slow start-up; the safetensors header (names, shapes, dtypes, offsets)
+    plus the first and last MiB of data tell models apart in practice and are the same on every replica.
+    """
+    h = hashlib.sha256((folder / "config.json").read_bytes())
+    for f in weight_files(folder):
+        size = f.stat().st_size
+        h.update(f.name.encode() + size.to_bytes(8, "little"))
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    return h.hexdigest()
+
+
+def _iter_tensors(folder: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in weight_files(folder):
+        with safe_open(str(f), framework="pt", device="cpu") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaForCausalLM:
+    """Build the model for ``path`` and copy every weight into place (fusing q/k/v and gate/up)."""
+    folder = check_model_folder(path)
+    cfg = ModelConfig.from_pretrained(folder)
+    model = LlamaForCausalLM(cfg, dtype, device, max_len)
+    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
+    # HF name suffix -> (our parameter, row slice) within each layer.
+    layer_map = {
+        "input_layernorm.weight": ("input_norm", None),
+        "post_attention_layernorm.weight": ("post_norm", None),
+        "self_attn.q_proj.weight": ("qkv", slice(0, q)),
+        "self_attn.k_proj.weight": ("qkv", slice(q, q + kv)),
+        "self_attn.v_proj.weight": ("qkv", slice(q + kv, q + 2 * kv)),
+        "self_attn.q_proj.bias": ("qkv_bias", slice(0, q)),
+        "self_attn.k_proj.bias": ("qkv_bias", slice(q, q + kv)),
+        "self_attn.v_proj.bias": ("qkv_bias", slice(q + kv, q + 2 * kv)),
+        "self_attn.q_norm.weight": ("q_norm", None),
+        "self_attn.k_norm.weight": ("k_norm", None),
+        "self_attn.o_proj.weight": ("o", None),
+        "mlp.gate_proj.weight": ("gate_up", slice(0, inter)),
+        "mlp.up_proj.weight": ("gate_up", slice(inter, 2 * inter)),
+        "mlp.down_proj.weight": ("down", None),
+    }
+    expected: set[str] = {"model.embed_tokens.weight", "model.norm.weight"}
+    if not cfg.tie_word_embeddings:
+        expected.add("lm_head.weight")
+    for i, layer in enumerate(model.layers):
+        for suffix, (attr, _) in layer_map.items():
+            if getattr(layer, attr) is not None:
+                expected.add(f"model.layers.{i}.{suffix}")
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, tensor in _iter_tensors(folder, device):
+            target = _target(model, name, layer_map)
+            if target is None:
+                continue  # e.g. rotary inv_freq buffers or an lm_head that tied embeddings make redundant
+            param, rows = target
+            dst = param if rows is None else param[rows]
+            if dst.shape != tensor.shape:
+                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(dst.shape)}")
+            dst.copy_(tensor)
+            loaded.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ValueError(f"model folder {folder} lacks weights: {shown}")
+    return model.eval()
+
+
+def _target(
+    model: LlamaForCausalLM, name: str, layer_map: dict[str, tuple[str, slice | None]]
+) -> tuple[torch.Tensor, slice | None] | None:
+    if name == "model.embed_tokens.weight":
+        return model.embed, None
+    if name == "model.norm.weight":
+        return model.norm, None
+    if name == "lm_head.weight":
+        return None if model.cfg.tie_word_embeddings else (model.lm_head, None)
+    if not name.startswith("model.layers."):
+        return None
+    idx, _, suffix = name[len("model.layers.") :].partition(".")
+    entry = layer_map.get(suffix)
+    if entry is None or int(idx) >= len(model.layers):
+        return None
+    param = getattr(model.layers[int(idx)], entry[0])
+    return None if param is None else (param, entry[1])

@@ -1,0 +1,140 @@
+"""Shared fixtures: small random Hugging Face models of every supported family, written by transformers itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "promptcache" / "data" / "default_model"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+# family -> (transformers config class name, extra config fields)
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama3": (
+        "LlamaConfig",
+        {
+            "rope_theta": 500000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+        },
+    ),
+    "mistral": ("MistralConfig", {"sliding_window": None}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+}
+
+
+def make_model(
+    out: Path,
+    family: str = "llama",
+    *,
+    tie: bool = False,
+    shard: bool = False,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Write a small random model of ``family`` in HF format (with the default model's tokenizer) into ``out``."""
+    import transformers
+
+    cls_name, extra = FAMILIES[family]
+    fields = dict(
+        vocab_size=8192,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        initializer_range=0.05,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+    )
+    fields.update(extra)
+    fields.update(overrides)
+    config = getattr(transformers, cls_name)(**fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, max_shard_size="200KB" if shard else "2GB")
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEFAULT_MODEL / name, out / name)
+    gen = out / "generation_config.json"
+    if gen.exists():
+        raw = json.loads(gen.read_text())
+        raw.pop("eos_token_id", None)
+        gen.write_text(json.dumps(raw))
+    return out
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Build (once per set of arguments) a random model folder."""
+    made: dict[str, Path] = {}
+
+    def build(family: str = "llama", **kwargs) -> Path:
+        key = json.dumps([family, kwargs], sort_keys=True)
+        if key not in made:
+            made[key] = make_model(tmp_path_factory.mktemp(family), family, **kwargs)
+        return made[key]
+
+    return build
+
+
+def hf_greedy(model_dir: Path, prompt_ids: list[int], n: int) -> list[int]:
+    """Reference greedy decoding with transformers' own forward and DynamicCache."""
+    model = _hf_model(model_dir)
+    ids = torch.tensor([prompt_ids])
+    out: list[int] = []
+    with torch.no_grad():
+        res = model(input_ids=ids, use_cache=True)
+        for _ in range(n):
+            tok = int(res.logits[0, -1].argmax())
+            out.append(tok)
+            past = {_CACHE_KWARG: res.past_key_values}
+            res = model(input_ids=torch.tensor([[tok]]), use_cache=True, **past)
+    return out
+
+
+_HF_CACHE: dict[Path, torch.nn.Module] = {}
+
+
+def _cache_kwarg() -> str:
+    """transformers renamed ``past_key_values`` to ``cache`` (5.2x); use whichever this version takes."""
+    import inspect
+
+    import transformers
+
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+_CACHE_KWARG = _cache_kwarg()
+
+
+def _hf_model(model_dir: Path) -> torch.nn.Module:
+    import transformers
+
+    if model_dir not in _HF_CACHE:
+        _HF_CACHE[model_dir] = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="sdpa"
+        ).eval()
+    return _HF_CACHE[model_dir]
+
+
+def hf_logits(model_dir: Path, prompt_ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return _hf_model(model_dir)(input_ids=torch.tensor([prompt_ids])).logits[0].float()
