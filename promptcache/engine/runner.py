@@ -18,6 +18,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sliding_window = cfg.sliding_window
+        self.dtype = dtype
         # NOTE: allocated uninitialised (pages are only touched when written); attention therefore never reads a
         # slot that was not written in the same or an earlier step (decode padding repeats a valid slot).
         self.kv_cache = torch.empty(
@@ -28,31 +29,34 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
-    def _slots(self, block_ids: list[int], start: int, end: int) -> list[int]:
+    def _slots(self, block_ids: list[int], start: int, end: int) -> torch.Tensor:
+        """KV slots of positions [start, end) of a sequence (on the CPU)."""
         bs = self.block_size
-        return [block_ids[p // bs] * bs + p % bs for p in range(start, end)]
-
-    def _context_slots(self, block_ids: list[int], length: int) -> torch.Tensor:
-        bs = self.block_size
-        blocks = torch.tensor(block_ids[: -(-length // bs)], dtype=torch.long)
-        slots = (blocks[:, None] * bs + torch.arange(bs)).view(-1)[:length]
-        return slots.to(self.device, non_blocking=True)
+        first = start // bs
+        blocks = torch.tensor(block_ids[first : -(-end // bs)], dtype=torch.long)
+        offset = start - first * bs
+        return (blocks[:, None] * bs + torch.arange(bs)).view(-1)[offset : offset + end - start]
 
     def _window_mask(self, q_pos: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """[q, kv] bool: causal, and inside the sliding window if the model has one."""
+        """[q, kv] additive mask (0 or -inf): causal, and inside the sliding window if the model has one.
+
+        Additive float masks run faster than boolean ones in the CPU SDPA kernel, and are built once per step.
+        """
         k_pos = torch.arange(kv_len, device=self.device)
-        mask = k_pos[None, :] <= q_pos[:, None]
+        keep = k_pos[None, :] <= q_pos[:, None]
         if self.sliding_window is not None:
-            mask &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
-        return mask
+            keep &= k_pos[None, :] > q_pos[:, None] - self.sliding_window
+        return torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill_(~keep, float("-inf"))
 
     def build(self, work: list[tuple[Request, int]]) -> tuple[torch.Tensor, ForwardContext, list[Request]]:
         """Flat input ids, the context, and the requests (in logits row order) whose last token gets logits."""
         decodes = [(r, n) for r, n in work if n == 1]
         chunks = [(r, n) for r, n in work if n > 1]
+        bs = self.block_size
         ids: list[int] = []
         positions: list[int] = []
-        slot_mapping: list[int] = []
+        decode_slots_list: list[int] = []
+        chunk_slots: list[torch.Tensor] = []
         logits_rows: list[int] = []
         sampled: list[Request] = []
         for r, n in decodes + chunks:
@@ -62,13 +66,16 @@ class ModelRunner:
                 sampled.append(r)
             ids.extend(r.token_ids[start : start + n])
             positions.extend(range(start, start + n))
-            slot_mapping.extend(self._slots(r.seq.block_ids, start, start + n))
+            if n == 1:
+                decode_slots_list.append(r.seq.blocks[start // bs].block_id * bs + start % bs)
+            else:
+                chunk_slots.append(self._slots(r.seq.block_ids, start, start + n))
+        slot_mapping = torch.cat([torch.tensor(decode_slots_list, dtype=torch.long), *chunk_slots])
         dev = self.device
         decode_slots = decode_mask = None
         if decodes:
             lens = [r.num_computed + 1 for r, _ in decodes]
             max_len = max(lens)
-            bs = self.block_size
             max_blocks = -(-max_len // bs)
             table = torch.tensor([(r.seq.block_ids + [0] * max_blocks)[:max_blocks] for r, _ in decodes])
             pos = torch.arange(max_len)
@@ -91,13 +98,12 @@ class ModelRunner:
                 prefills.append(PrefillSlice(row, row + n, None, None))
             else:
                 q_pos = torch.arange(start, kv_len, device=dev)
-                prefills.append(
-                    PrefillSlice(row, row + n, self._context_slots(r.seq.block_ids, kv_len), self._window_mask(q_pos, kv_len))
-                )
+                slots = self._slots(r.seq.block_ids, 0, kv_len).to(dev, non_blocking=True)
+                prefills.append(PrefillSlice(row, row + n, slots, self._window_mask(q_pos, kv_len)))
             row += n
         ctx = ForwardContext(
             positions=torch.tensor(positions, device=dev),
-            slot_mapping=torch.tensor(slot_mapping, device=dev),
+            slot_mapping=slot_mapping.to(dev, non_blocking=True),
             num_decode=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,

@@ -20,7 +20,7 @@ class PrefillSlice:
     start: int  # first row of the chunk in the flat batch
     end: int
     kv_slots: torch.Tensor | None  # slots of the sequence's whole context; None: no cached context, attend locally
-    mask: torch.Tensor | None  # [q_len, kv_len] bool (True = attend); None: plain causal
+    mask: torch.Tensor | None  # [q_len, kv_len] additive (0 = attend, -inf = not); None: plain causal
 
 
 @dataclass
