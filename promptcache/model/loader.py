@@ -103,11 +103,18 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
             if target is None:
                 continue  # e.g. rotary inv_freq buffers or an lm_head that tied embeddings make redundant
             param, rows = target
-            dst = param if rows is None else param[rows]
+            if tensor.dim() == 2 and param is not model.embed:
+                tensor = tensor.t()  # our matrices are [in, out]; fused parts are column ranges
+                dst = param if rows is None else param[:, rows]
+            else:
+                dst = param if rows is None else param[rows]
             if dst.shape != tensor.shape:
-                raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, config implies {tuple(dst.shape)}")
+                raise ValueError(f"weight {name} has a shape that does not fit the config: {tuple(tensor.shape)} for {tuple(dst.shape)}")
             dst.copy_(tensor)
             loaded.add(name)
+    if cfg.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.copy_(model.embed.t())
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
