@@ -34,9 +34,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         enable_prefix_caching=not args.no_prefix_caching,
     )
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed
-    )
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for i in range(args.repeat):
         if args.chat:
             out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]

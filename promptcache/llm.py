@@ -46,7 +46,9 @@ class LLM:
         encoded = [self.engine.encode_prompt(p) for p in prompts]
         for ids, sp in zip(encoded, params):
             self.engine.validate(ids, sp)
-        return self._run(encoded, params, [namespace] * len(prompts), [p if isinstance(p, str) else None for p in prompts])
+        return self._run(
+            encoded, params, [namespace] * len(prompts), [p if isinstance(p, str) else None for p in prompts]
+        )
 
     def chat(
         self,
@@ -62,7 +64,9 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)  # type: ignore[list-item]
         params = self._params_list(sampling_params, len(conversations))
         encoded = [
-            render_chat_ids(self.tokenizer, conv, self.replay, namespace, tools, add_generation_prompt, **template_kwargs)  # type: ignore[arg-type]
+            render_chat_ids(
+                self.tokenizer, conv, self.replay, namespace, tools, add_generation_prompt, **template_kwargs
+            )  # type: ignore[arg-type]
             for conv in conversations
         ]
         for ids, sp in zip(encoded, params):
@@ -86,9 +90,7 @@ class LLM:
         self, encoded: list[list[int]], params: list[SamplingParams], namespaces: list[str], texts: list[str | None]
     ) -> list[RequestOutput]:
         engine = self.engine
-        reqs = [
-            engine.add_request(ids, sp, namespace=ns) for ids, sp, ns in zip(encoded, params, namespaces)
-        ]
+        reqs = [engine.add_request(ids, sp, namespace=ns) for ids, sp, ns in zip(encoded, params, namespaces)]
         for req, text in zip(reqs, texts):
             req.prompt = text
         try:

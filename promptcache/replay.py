@@ -69,14 +69,20 @@ def render_chat_ids(
     patched: list[dict[str, Any]] = []
     for msg in messages:
         content = msg.get("content")
-        ids = store.lookup(namespace, content) if store and msg.get("role") == "assistant" and isinstance(content, str) else None
+        ids = (
+            store.lookup(namespace, content)
+            if store and msg.get("role") == "assistant" and isinstance(content, str)
+            else None
+        )
         if ids is None:
             patched.append(msg)
             continue
         marker = f"\x00replay-{uuid.uuid4().hex}\x00"
         spliced[marker] = ids
         patched.append({**msg, "content": marker})
-    text = tokenizer.apply_chat_template(patched, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs)
+    text = tokenizer.apply_chat_template(
+        patched, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs
+    )
     if not spliced:
         return tokenizer.encode(text, add_special_tokens=False)
     out: list[int] = []
@@ -84,7 +90,9 @@ def render_chat_ids(
     for marker, ids in spliced.items():
         before, found, rest = rest.partition(marker)
         if not found:  # the template dropped or rewrote the content: fall back to plain text for everything
-            return render_chat_ids(tokenizer, messages, None, namespace, tools, add_generation_prompt, **template_kwargs)
+            return render_chat_ids(
+                tokenizer, messages, None, namespace, tools, add_generation_prompt, **template_kwargs
+            )
         out.extend(tokenizer.encode(before, add_special_tokens=False))
         out.extend(ids)
     out.extend(tokenizer.encode(rest, add_special_tokens=False))

@@ -26,8 +26,13 @@ def run_sequence(kv: KVCacheManager, tokens: list[int], namespace: str = "t") ->
 
 
 def test_roots_differ_by_namespace_model_and_dtype() -> None:
-    roots = {root_hash("m", "float32", "a"), root_hash("m", "float32", "b"), root_hash("m2", "float32", "a"),
-             root_hash("m", "bfloat16", "a"), root_hash("ma", "float32", "")}
+    roots = {
+        root_hash("m", "float32", "a"),
+        root_hash("m", "float32", "b"),
+        root_hash("m2", "float32", "a"),
+        root_hash("m", "bfloat16", "a"),
+        root_hash("ma", "float32", ""),
+    }
     assert len(roots) == 5
 
 
@@ -132,7 +137,7 @@ def test_pins_protect_until_expiry() -> None:
     pool = BlockPool(3, clock=lambda: now[0])
     kv = manager(num_blocks=3)
     kv.pool = pool
-    _, seq = run_sequence(kv, list(range(9)))
+    run_sequence(kv, list(range(9)))
     pinned = kv.match(kv.new_seq("t"), list(range(9)))
     pool.pin(pinned, until=10.0)
     assert pool.num_available == 1

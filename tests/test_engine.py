@@ -250,12 +250,23 @@ def test_abort_frees_blocks_and_others_finish(llm: LLM) -> None:
 # ---- the command line -----------------------------------------------------------------------------------------
 def test_cli_generate_prints_text_and_cache_figures() -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "promptcache.cli", "generate", "Hello there, tell me a story " * 10, "--max-tokens", "4"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "promptcache.cli",
+            "generate",
+            "Hello there, tell me a story " * 10,
+            "--max-tokens",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     runs = re.findall(r"\[prompt (\d+) tokens, cached (\d+)", res.stdout)
     assert len(runs) == 2
-    (n1, c1), (n2, c2) = runs
+    (_, c1), (n2, c2) = runs
     assert c1 == "0"
     assert int(c2) == (int(n2) - 1) // BS * BS > 0  # the second run reuses the first run's full blocks
 
@@ -263,6 +274,8 @@ def test_cli_generate_prints_text_and_cache_figures() -> None:
 def test_cli_reports_bad_model_folder(tmp_path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "promptcache.cli", "generate", "hi", "--model", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 2 and "config.json" in res.stderr

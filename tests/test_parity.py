@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-
 from conftest import hf_greedy, hf_logits
+
 from promptcache import LLM, SamplingParams
 
 N = 32

@@ -108,7 +108,9 @@ class KVCacheManager:
         for i in range(seq.num_registered, full):
             bs = self.block_size
             parent = seq.hashes[i - 1] if i else seq.root
-            canonical = self.pool.register(seq.blocks[i], parent, tuple(token_ids[i * bs : (i + 1) * bs]), seq.hashes[i])
+            canonical = self.pool.register(
+                seq.blocks[i], parent, tuple(token_ids[i * bs : (i + 1) * bs]), seq.hashes[i]
+            )
             if canonical is not seq.blocks[i] and canonical.ref_count > 0:
                 # Another running sequence registered the same content first: share its block, free ours.
                 self.pool.acquire([canonical])

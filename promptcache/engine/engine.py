@@ -64,14 +64,17 @@ class LLMEngine:
         self.dtype = cfg.resolved_dtype(self.device)
         self.model_config = ModelConfig.from_pretrained(self.model_path)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
-        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
-                                 self.model_config.max_position_embeddings)
+        self.max_model_len = min(
+            cfg.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings
+        )
         if cfg.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {cfg.block_size}")
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         self.fingerprint = model_fingerprint(self.model_path)
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
-        self.kv = KVCacheManager(num_blocks, cfg.block_size, self.fingerprint, str(self.dtype), cfg.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks, cfg.block_size, self.fingerprint, str(self.dtype), cfg.enable_prefix_caching
+        )
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
         self.sampler = Sampler(self.device, cfg.seed)

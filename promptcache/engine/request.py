@@ -98,7 +98,10 @@ class RequestStatus(enum.Enum):
 
 @dataclass
 class Request:
-    """One sequence inside the engine. ``token_ids`` is prompt + output; KV of ``token_ids[:num_computed]`` is written."""
+    """One sequence inside the engine.
+
+    ``token_ids`` is prompt + output; the KV of ``token_ids[:num_computed]`` is written in ``seq.blocks``.
+    """
 
     request_id: str
     prompt_token_ids: list[int]

@@ -12,7 +12,9 @@ from promptcache.model.llama import LlamaForCausalLM
 class ModelRunner:
     """Owns the KV tensor ``[layers, 2, num_blocks * block_size, kv_heads, head_dim]`` and the model."""
 
-    def __init__(self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+    ):
         cfg = model.cfg
         self.model = model
         self.block_size = block_size

@@ -34,7 +34,7 @@ def paged_attention(
     ctx: ForwardContext,
 ) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] of the new tokens; caches [slots, KVH, D]. Returns [T, H * D]."""
-    num_tokens, num_heads, head_dim = q.shape
+    _, num_heads, head_dim = q.shape
     k_cache.index_copy_(0, ctx.slot_mapping, k)
     v_cache.index_copy_(0, ctx.slot_mapping, v)
     outs: list[torch.Tensor] = []

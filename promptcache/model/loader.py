@@ -62,7 +62,7 @@ def model_fingerprint(folder: Path) -> str:
 def _iter_tensors(folder: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     for f in weight_files(folder):
         with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():
+            for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, st.get_tensor(name)
 
 
@@ -71,8 +71,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
     folder = check_model_folder(path)
     cfg = ModelConfig.from_pretrained(folder)
     model = LlamaForCausalLM(cfg, dtype, device, max_len)
-    q, kv, inter = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size
-    # HF name suffix -> (our parameter, row slice) within each layer.
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    # HF name suffix -> (our parameter, its column range or stack index; None for the whole) within each layer.
     layer_map = {
         "input_layernorm.weight": ("input_norm", None),
         "post_attention_layernorm.weight": ("post_norm", None),
@@ -85,8 +85,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
         "self_attn.q_norm.weight": ("q_norm", None),
         "self_attn.k_norm.weight": ("k_norm", None),
         "self_attn.o_proj.weight": ("o", None),
-        "mlp.gate_proj.weight": ("gate_up", slice(0, inter)),
-        "mlp.up_proj.weight": ("gate_up", slice(inter, 2 * inter)),
+        "mlp.gate_proj.weight": ("gate_up", 0),
+        "mlp.up_proj.weight": ("gate_up", 1),
         "mlp.down_proj.weight": ("down", None),
     }
     expected: set[str] = {"model.embed_tokens.weight", "model.norm.weight"}
@@ -103,13 +103,18 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
             if target is None:
                 continue  # e.g. rotary inv_freq buffers or an lm_head that tied embeddings make redundant
             param, rows = target
-            if tensor.dim() == 2 and param is not model.embed:
+            if isinstance(rows, int):  # gate/up: one [in, out] matrix of a stacked pair
+                tensor, dst = tensor.t(), param[rows]
+            elif tensor.dim() == 2 and param is not model.embed:
                 tensor = tensor.t()  # our matrices are [in, out]; fused parts are column ranges
                 dst = param if rows is None else param[:, rows]
             else:
                 dst = param if rows is None else param[rows]
             if dst.shape != tensor.shape:
-                raise ValueError(f"weight {name} has a shape that does not fit the config: {tuple(tensor.shape)} for {tuple(dst.shape)}")
+                raise ValueError(
+                    f"weight {name} has shape {tuple(tensor.shape)}, which does not fit the config "
+                    f"(expected {tuple(dst.shape)})"
+                )
             dst.copy_(tensor)
             loaded.add(name)
     if cfg.tie_word_embeddings:
@@ -123,8 +128,8 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
 
 
 def _target(
-    model: LlamaForCausalLM, name: str, layer_map: dict[str, tuple[str, slice | None]]
-) -> tuple[torch.Tensor, slice | None] | None:
+    model: LlamaForCausalLM, name: str, layer_map: dict[str, tuple[str, slice | int | None]]
+) -> tuple[torch.Tensor, slice | int | None] | None:
     if name == "model.embed_tokens.weight":
         return model.embed, None
     if name == "model.norm.weight":
