@@ -117,10 +117,10 @@ class LLMEngine:
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
-        if any(not isinstance(t, int) or isinstance(t, bool) for t in prompt_ids):
+        if not all(type(t) is int for t in prompt_ids):
             raise ValueError("prompt token ids must be integers")
-        bad = [t for t in prompt_ids if not 0 <= t < vocab]
-        if bad:
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            bad = [t for t in prompt_ids if not 0 <= t < vocab]
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary (size {vocab})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
@@ -200,6 +200,8 @@ class LLMEngine:
             req.metrics.first_token_time = now
         req.token_ids.append(token)
         if logprob is not None and req.logprobs is not None:
+            for tok, entry in logprob.items():
+                entry.decoded_token = self.tokenizer.decode([tok], skip_special_tokens=False)
             req.logprobs.append(logprob)
         params = req.params
         prev_len = len(req.text)
