@@ -23,6 +23,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,20 @@ import torch
 from promptcache import LLM, SamplingParams
 from promptcache.engine.engine import DEFAULT_MODEL
 
-PREFIX, SUFFIX, BATCH = 2048, 32, 16
+
+@dataclass
+class Sizes:
+    """Workload sizes; ``quick()`` shrinks them for a smoke run."""
+
+    prefix: int = 2048
+    suffix: int = 32
+    batch: int = 16
+    decode_tokens: int = 64
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(prefix=256, suffix=16, batch=4, decode_tokens=8)
+
 
 QWEN_05B = dict(
     vocab_size=151936,
@@ -74,10 +88,10 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 class Bench:
-    def __init__(self, path: Path, dtype: str, repeats: int, vocab_cap: int, decode_tokens: int):
+    def __init__(self, path: Path, dtype: str, repeats: int, vocab_cap: int, sizes: Sizes):
         import transformers
 
-        self.path, self.repeats, self.decode_tokens = path, repeats, decode_tokens
+        self.path, self.repeats, self.sizes = path, repeats, sizes
         self.rng = random.Random(0)
         self.vocab = vocab_cap
         torch_dtype = getattr(torch, dtype)
@@ -98,32 +112,34 @@ class Bench:
         return self.hf(input_ids=torch.tensor([ids]), past_key_values=past, use_cache=True, logits_to_keep=1)
 
     def prefill(self) -> dict[str, float]:
+        n_prefix = self.sizes.prefix
         # Interleaved, so that noise from the shared machine falls on both sides alike.
         ours_t, hf_t = [], []
         for _ in range(self.repeats):
-            ours_t.append(self.ours_ttft(self.ids(PREFIX)))
-            hf_t.append(median_time(lambda: self.hf_forward(self.ids(PREFIX)), 1))
+            ours_t.append(self.ours_ttft(self.ids(n_prefix)))
+            hf_t.append(median_time(lambda: self.hf_forward(self.ids(n_prefix)), 1))
         ours, hf = statistics.median(ours_t), statistics.median(hf_t)
         return {
             "ours_s": ours,
             "transformers_s": hf,
-            "ours_tok_s": PREFIX / ours,
-            "transformers_tok_s": PREFIX / hf,
+            "ours_tok_s": n_prefix / ours,
+            "transformers_tok_s": n_prefix / hf,
             "ratio": hf / ours,
         }
 
     def cached_ttft(self) -> dict[str, float]:
-        prefix = self.ids(PREFIX)
-        self.ours_ttft(prefix + self.ids(SUFFIX))  # warm the prefix into the cache
+        n_prefix, n_suffix = self.sizes.prefix, self.sizes.suffix
+        prefix = self.ids(n_prefix)
+        self.ours_ttft(prefix + self.ids(n_suffix))  # warm the prefix into the cache
         past = self.hf_forward(prefix).past_key_values
         hits, colds, reuses = [], [], []
         for _ in range(max(self.repeats, 5)):
-            out = self.llm.generate([prefix + self.ids(SUFFIX)], SamplingParams(temperature=0.0, max_tokens=1))[0]
-            assert out.num_cached_tokens == PREFIX, out.num_cached_tokens
+            out = self.llm.generate([prefix + self.ids(n_suffix)], SamplingParams(temperature=0.0, max_tokens=1))[0]
+            assert out.num_cached_tokens == n_prefix, out.num_cached_tokens
             hits.append(out.metrics.time_to_first_token or 0.0)
-            reuses.append(median_time(lambda: self.hf_forward(self.ids(SUFFIX), copy.deepcopy(past)), 1))
+            reuses.append(median_time(lambda: self.hf_forward(self.ids(n_suffix), copy.deepcopy(past)), 1))
         for _ in range(self.repeats):
-            colds.append(self.ours_ttft(self.ids(PREFIX + SUFFIX)))
+            colds.append(self.ours_ttft(self.ids(n_prefix + n_suffix)))
         hit, cold, hf_reuse = statistics.median(hits), statistics.median(colds), statistics.median(reuses)
         return {
             "ours_hit_s": hit,
@@ -134,8 +150,8 @@ class Bench:
         }
 
     def decode(self) -> dict[str, float]:
-        n = self.decode_tokens
-        prompts = [self.ids(64) for _ in range(BATCH)]
+        n = self.sizes.decode_tokens
+        prompts = [self.ids(64) for _ in range(self.sizes.batch)]
         params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
         t = time.perf_counter()
         outs = self.llm.generate(prompts, params)
@@ -156,7 +172,7 @@ class Bench:
         hf_one = median_time(lambda: hf_generate(prompts[0], 1), 3)
         hf_full = median_time(lambda: hf_generate(prompts[0], n), 3)
         hf_tpot = (hf_full - hf_one) / (n - 1)
-        total = BATCH * n
+        total = self.sizes.batch * n
         return {
             "ours_batch_tok_s": total / ours_batch,
             "transformers_serial_tok_s": total / hf_serial,
@@ -178,7 +194,8 @@ class Bench:
         }
 
 
-def run(models: list[str], dtype: str, repeats: int) -> dict[str, Any]:
+def run(models: list[str], dtype: str, repeats: int, sizes: Sizes | None = None) -> dict[str, Any]:
+    sizes = sizes or Sizes()
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {
@@ -188,6 +205,7 @@ def run(models: list[str], dtype: str, repeats: int) -> dict[str, Any]:
         },
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "dtype": dtype,
+        "sizes": sizes.__dict__,
         "models": {},
     }
     import transformers
@@ -198,7 +216,8 @@ def run(models: list[str], dtype: str, repeats: int) -> dict[str, Any]:
             path = DEFAULT_MODEL if name == "default" else synthetic_qwen(Path(tmp) / "qwen")
             vocab = 8192  # prompt ids drawn from the embedded tokenizer's range, valid for both models
             # The 0.5B model decodes ~10x slower here: fewer tokens keep transformers' serial run in minutes.
-            bench = Bench(path, dtype, repeats, vocab, decode_tokens=64 if name == "default" else 16)
+            model_sizes = sizes if name == "default" else replace(sizes, decode_tokens=min(sizes.decode_tokens, 16))
+            bench = Bench(path, dtype, repeats, vocab, model_sizes)
             entry = {"prefill": bench.prefill(), "cached_ttft": bench.cached_ttft(), "decode": bench.decode()}
             entry["memory"] = bench.memory()
             results["models"][name] = entry
@@ -235,9 +254,10 @@ def main() -> None:
     parser.add_argument("--models", default="default,qwen0.5b", help="comma list of: default, qwen0.5b")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")
     parser.add_argument("--out", default=None, help="write the raw results as JSON here")
     args = parser.parse_args()
-    results = run(args.models.split(","), args.dtype, args.repeats)
+    results = run(args.models.split(","), args.dtype, args.repeats, Sizes.quick() if args.quick else Sizes())
     print(markdown(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
