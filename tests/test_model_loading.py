@@ -117,6 +117,8 @@ def test_invalid_engine_options_are_refused() -> None:
         LLM(dtype="float8")
     with pytest.raises(ValueError, match="scheduling policy"):
         LLM(scheduling_policy="random", kv_cache_memory_gb=0.01)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(block_size=0)
     with pytest.raises(TypeError, match="unknown LLM arguments: gpu_memory"):
         LLM(gpu_memory=0.9)
     with pytest.raises(ValueError, match="KV blocks"):

@@ -14,7 +14,7 @@ from promptcache.cache.manager import KVCacheManager
 from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ModelRunner
 from promptcache.engine.sampler import Sampler
-from promptcache.engine.scheduler import Scheduler
+from promptcache.engine.scheduler import SCHEDULING_POLICIES, Scheduler
 from promptcache.model.config import ModelConfig
 from promptcache.model.loader import check_model_folder, load_model, model_fingerprint
 from promptcache.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -39,6 +39,17 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     scheduling_policy: str = "fcfs"
     seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
+        if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -67,8 +78,6 @@ class LLMEngine:
         self.max_model_len = min(
             cfg.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings
         )
-        if cfg.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {cfg.block_size}")
         self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
         self.fingerprint = model_fingerprint(self.model_path)
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()

@@ -165,3 +165,8 @@ class RequestOutput:
     finished: bool = True
     new_token_ids: list[int] = field(default_factory=list)  # tokens since the previous output of a stream
     new_text: str = ""
+
+    @property
+    def outputs(self) -> list[RequestOutput]:
+        """vLLM's ``out.outputs[0].text`` spelling: one completion per request, which is this object."""
+        return [self]
