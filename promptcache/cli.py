@@ -44,6 +44,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+    from pathlib import Path
+
+    import uvicorn
+
+    from promptcache.api.server import ServerConfig, create_app
+    from promptcache.api.tenancy import Tenancy
+    from promptcache.engine.async_engine import AsyncEngine
+    from promptcache.engine.engine import EngineConfig, LLMEngine
+    from promptcache.pricing import PriceTable
+
+    tenancy = Tenancy.from_options(args.api_key, args.api_keys_file, args.admin_key)
+    if tenancy.open and not _is_loopback(args.host, ipaddress):
+        print("promptcache: error: with no API keys the server binds to loopback only; "
+              "pass --api-key or --api-keys-file to listen on " + args.host, file=sys.stderr)  # fmt: skip
+        return 2
+    prices = PriceTable.from_file(args.pricing) if args.pricing else PriceTable.preset(args.pricing_preset)
+    engine = LLMEngine(EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=args.scheduling_policy,
+    ))  # fmt: skip
+    name = args.served_model_name or (Path(args.model).name if args.model else "promptcache-default")
+    config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices,
+                          response_cache=args.response_cache, max_waiting=args.max_waiting)  # fmt: skip
+    app = create_app(AsyncEngine(engine), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str, ipaddress: object) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback  # type: ignore[attr-defined]
+    except ValueError:
+        return False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +101,30 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--repeat", type=int, default=2, help="run the prompt this many times (the repeats hit the cache)")
     gen.add_argument("--no-prefix-caching", action="store_true")
     gen.set_defaults(func=cmd_generate)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI- and Anthropic-compatible HTTP API")
+    srv.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
+    srv.add_argument("--api-keys-file", default=None, help="JSON object mapping each API key to its tenant's name")
+    srv.add_argument("--admin-key", action="append", default=[], help="an API key allowed to reset the cache")
+    srv.add_argument("--pricing", default=None, help="TOML pricing file (USD per million tokens)")
+    srv.add_argument("--pricing-preset", default="default", help="pricing preset when no file is given")
+    srv.add_argument("--response-cache", action="store_true", help="answer repeated deterministic requests from memory")
+    srv.add_argument("--max-waiting", type=int, default=1024, help="requests held before answering 429")
+    srv.add_argument("--device", default="auto")
+    srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    srv.add_argument("--block-size", type=int, default=16)
+    srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
+    srv.add_argument("--max-model-len", type=int, default=None)
+    srv.add_argument("--max-num-seqs", type=int, default=256)
+    srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lpm"])
+    srv.add_argument("--no-prefix-caching", action="store_true")
+    srv.add_argument("--log-level", default="info")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -138,3 +138,64 @@ def _hf_model(model_dir: Path) -> torch.nn.Module:
 def hf_logits(model_dir: Path, prompt_ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return _hf_model(model_dir)(input_ids=torch.tensor([prompt_ids])).logits[0].float()
+
+
+# ---- a real server on loopback -------------------------------------------------------------------------------
+class LiveServer:
+    """promptcache's app under uvicorn in a background thread, on a free loopback port."""
+
+    def __init__(self, config=None, **engine_kwargs) -> None:
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        from promptcache.api.server import ServerConfig, create_app
+        from promptcache.engine.async_engine import AsyncEngine
+        from promptcache.engine.engine import EngineConfig, LLMEngine
+
+        engine_kwargs.setdefault("kv_cache_memory_gb", 0.05)
+        self.engine = AsyncEngine(LLMEngine(EngineConfig(**engine_kwargs)))
+        self.app = create_app(self.engine, config or ServerConfig())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+
+    @property
+    def core(self):
+        """The LLMEngine (read it only while no request runs)."""
+        return self.engine.engine
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def live_server():
+    """A server with one local tenant (no API keys), shared by a test module."""
+    server = LiveServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    """A server with two tenants (alice, bob) and an admin key."""
+    from promptcache.api.server import ServerConfig
+    from promptcache.api.tenancy import Tenancy, Tenant
+
+    tenancy = Tenancy({"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)})
+    server = LiveServer(ServerConfig(tenancy=tenancy))
+    yield server
+    server.stop()

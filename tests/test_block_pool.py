@@ -134,7 +134,7 @@ def test_duplicate_content_is_shared_not_registered_twice() -> None:
 
 def test_pins_protect_until_expiry() -> None:
     now = [0.0]
-    pool = BlockPool(3, clock=lambda: now[0])
+    pool = BlockPool(3, clock=lambda: now[0], max_pinned_fraction=1.0)
     kv = manager(num_blocks=3)
     kv.pool = pool
     run_sequence(kv, list(range(9)))
@@ -147,6 +147,29 @@ def test_pins_protect_until_expiry() -> None:
     assert pool.num_available == 3
     pool.allocate(3)
     pool.check_integrity()
+
+
+def test_pins_are_capped_so_they_cannot_starve_requests() -> None:
+    kv = manager(num_blocks=8)  # at most half the pool may be pinned
+    tokens = list(range(24))
+    run_sequence(kv, tokens)
+    blocks = kv.match(kv.new_seq("t"), [*tokens, 0])
+    assert len(blocks) == 6
+    assert kv.pool.pin(blocks, until=1e12) == 4  # the chain's head first, up to the cap
+    assert kv.pool.num_pinned == 4
+    assert kv.pool.num_available == 8 - 4
+    # Re-pinning the same head extends it without counting twice.
+    assert kv.pool.pin(blocks[:2], until=2e12) == 2 and kv.pool.num_pinned == 4
+    kv.pool.check_integrity()
+
+
+def test_evicted_addresses_are_remembered_for_explanations() -> None:
+    kv = manager(num_blocks=2)
+    run_sequence(kv, list(range(8)))
+    evicted = kv.new_seq("t")
+    kv.match(evicted, list(range(9)))
+    run_sequence(kv, list(range(100, 108)))  # needs both blocks: evicts the first sequence's
+    assert all(h in kv.pool.recently_evicted for h in evicted.hashes)
 
 
 def test_release_more_than_acquired_is_an_error() -> None:

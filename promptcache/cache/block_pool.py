@@ -35,7 +35,13 @@ class Block:
 class BlockPool:
     """Owns the blocks of one KV cache; hands them out, shares registered ones, evicts the least recently used."""
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        num_blocks: int,
+        enable_caching: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        max_pinned_fraction: float = 0.5,
+    ):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -44,9 +50,14 @@ class BlockPool:
         self._free: deque[Block] = deque(self.blocks)
         self._evictable: OrderedDict[int, Block] = OrderedDict()
         self._pinned: dict[int, Block] = {}  # cached (ref 0) blocks held by an unexpired pin
+        self._pins: dict[int, Block] = {}  # every block with a pin (expired ones are purged lazily)
         self._index: dict[BlockHash, Block] = {}
         self._clock = clock
         self.num_evictions = 0
+        # NOTE: pins never hold more than this many blocks, so they cannot starve running requests.
+        self.max_pinned = int(num_blocks * max_pinned_fraction)
+        # Addresses evicted lately, to tell "evicted" from "never cached" when explaining a miss.
+        self.recently_evicted: OrderedDict[BlockHash, None] = OrderedDict()
 
     # ---- counts -------------------------------------------------------------------------------------------
     @property
@@ -61,7 +72,11 @@ class BlockPool:
 
     @property
     def num_pinned(self) -> int:
-        return sum(1 for b in self.blocks if b.pinned_until > self._clock())
+        """Blocks under an unexpired pin, in use or not."""
+        now = self._clock()
+        for bid in [bid for bid, blk in self._pins.items() if blk.pinned_until <= now]:
+            del self._pins[bid]
+        return len(self._pins)
 
     @property
     def num_in_use(self) -> int:
@@ -115,7 +130,7 @@ class BlockPool:
                 blk = self._free.popleft()
             else:
                 _, blk = self._evictable.popitem(last=False)
-                self._unregister(blk)
+                self._unregister(blk, evicted=True)
                 self.num_evictions += 1
             blk.ref_count = 1
             out.append(blk)
@@ -157,21 +172,40 @@ class BlockPool:
         self._index[h] = blk
         return blk
 
-    def _unregister(self, blk: Block) -> None:
+    def _unregister(self, blk: Block, evicted: bool = False) -> None:
         if blk.block_hash is not None:
             del self._index[blk.block_hash]
+            if evicted:
+                self.recently_evicted[blk.block_hash] = None
+                if len(self.recently_evicted) > 65536:
+                    self.recently_evicted.popitem(last=False)
         blk.block_hash = blk.parent_hash = blk.token_ids = None
         blk.pinned_until = 0.0
+        self._pins.pop(blk.block_id, None)
 
     # ---- pins (explicit cache breakpoints with a TTL) -------------------------------------------------------
-    def pin(self, blocks: Iterable[Block], until: float) -> None:
-        """Protect registered blocks from eviction until ``until`` (clock seconds); extends, never shortens."""
+    def pin(self, blocks: Iterable[Block], until: float) -> int:
+        """Protect registered blocks from eviction until ``until`` (clock seconds); extends, never shortens.
+
+        Blocks are pinned in the order given (a chain's head first) until ``max_pinned`` blocks are pinned;
+        returns how many of the given blocks are now pinned.
+        """
+        now = self._clock()
+        pinned_now = self.num_pinned
+        done = 0
         for blk in blocks:
             if blk.block_hash is None:
-                continue
+                break
+            if blk.pinned_until <= now:
+                if pinned_now >= self.max_pinned:
+                    break
+                pinned_now += 1
             blk.pinned_until = max(blk.pinned_until, until)
+            self._pins[blk.block_id] = blk
             if blk.ref_count == 0 and self._evictable.pop(blk.block_id, None) is not None:
                 self._pinned[blk.block_id] = blk
+            done += 1
+        return done
 
     def _expire_pins(self) -> None:
         if not self._pinned:
@@ -188,8 +222,9 @@ class BlockPool:
         for blk in dropped:
             self._unregister(blk)
             self._free.append(blk)
-        for blk in self.blocks:  # in-use blocks stay registered: a running request still reads them
+        for blk in self._pins.values():  # in-use blocks stay registered: a running request still reads them
             blk.pinned_until = 0.0
+        self._pins.clear()
         return len(dropped)
 
     # ---- integrity ------------------------------------------------------------------------------------------

@@ -97,13 +97,18 @@ class KVCacheManager:
     def can_grow(self, seq: SeqBlocks, num_tokens: int) -> bool:
         return self.blocks_for(num_tokens) - len(seq.blocks) <= self.pool.num_available
 
-    def commit(self, seq: SeqBlocks, token_ids: Sequence[int], num_computed: int) -> None:
-        """Register the sequence's full blocks whose KV is now written (the first ``num_computed`` tokens)."""
+    def commit(self, seq: SeqBlocks, token_ids: Sequence[int], num_computed: int) -> list[int]:
+        """Register the sequence's full blocks whose KV is now written (the first ``num_computed`` tokens).
+
+        Returns the indices of the blocks this call wrote into the cache (not those another sequence had
+        already registered with the same content): the request's "cache writes".
+        """
         if not self.enable_caching:
-            return
+            return []
         full = min(num_computed // self.block_size, len(seq.blocks))
         if full <= seq.num_registered:
-            return
+            return []
+        written: list[int] = []
         self._extend_hashes(seq, token_ids[: full * self.block_size])
         for i in range(seq.num_registered, full):
             bs = self.block_size
@@ -111,18 +116,48 @@ class KVCacheManager:
             canonical = self.pool.register(
                 seq.blocks[i], parent, tuple(token_ids[i * bs : (i + 1) * bs]), seq.hashes[i]
             )
-            if canonical is not seq.blocks[i] and canonical.ref_count > 0:
+            if canonical is seq.blocks[i]:
+                written.append(i)
+            elif canonical.ref_count > 0:
                 # Another running sequence registered the same content first: share its block, free ours.
                 self.pool.acquire([canonical])
                 self.pool.release([seq.blocks[i]])
                 seq.blocks[i] = canonical
         seq.num_registered = full
+        return written
 
     def free(self, seq: SeqBlocks) -> None:
         """Release all of a sequence's blocks, tail first (so chains are evicted from their end)."""
         self.pool.release(reversed(seq.blocks))
         seq.blocks = []
         seq.num_registered = 0
+
+    def explain(self, namespace: str, token_ids: Sequence[int]) -> dict[str, object]:
+        """How much of ``token_ids`` would hit, and where and why the first miss is (no state changes)."""
+        bs = self.block_size
+        seq = self.new_seq(namespace)
+        usable = (len(token_ids) - 1) // bs if len(token_ids) > 1 else 0
+        out: dict[str, object] = {"prompt_tokens": len(token_ids), "block_size": bs}
+        if not self.enable_caching:
+            return {**out, "cached_tokens": 0, "first_miss_token": 0, "reason": "prefix caching is disabled"}
+        self._extend_hashes(seq, token_ids)
+        hit = self.pool.match(seq.hashes[:usable])
+        n = len(hit)
+        out["cached_tokens"] = n * bs
+        if n < usable:
+            h = seq.hashes[n]
+            why = (
+                "this block was cached but has been evicted (least recently used) to make room"
+                if h in self.pool.recently_evicted
+                else "no cached block continues the prefix here: these tokens differ from everything cached in "
+                "this namespace (new content, or an earlier change upstream of this point)"
+            )
+            return {**out, "first_miss_token": n * bs, "first_miss_block": n, "reason": why}
+        if len(token_ids) // bs > usable:
+            why = "every full block is cached; the last token is always computed, so its block is too"
+        else:
+            why = "every full block is cached; the rest is a partial block (only full blocks are cached)"
+        return {**out, "first_miss_token": n * bs, "first_miss_block": n, "reason": why}
 
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
         self.query_tokens += num_prompt_tokens

@@ -150,6 +150,7 @@ class LLMEngine:
         params: SamplingParams | None = None,
         namespace: str = "default",
         request_id: str | None = None,
+        cache_breakpoints: list[tuple[int, float]] | None = None,
     ) -> Request:
         """Validate and queue one request; raises ValueError (and queues nothing) on bad input."""
         params = params or SamplingParams()
@@ -166,6 +167,8 @@ class LLMEngine:
             seq=self.kv.new_seq(namespace),
             prompt=prompt if isinstance(prompt, str) else None,
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+            cache_breakpoints=sorted(cache_breakpoints or []),
+            block_size=self.kv.block_size,
         )
         self.requests[rid] = req
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
@@ -195,13 +198,18 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
         logits, sampled = self.runner.execute(batch.work)
+        prompt_blocks_of = self.kv.block_size
         for req, n in batch.work:
             req.num_computed += n
-            self.kv.commit(req.seq, req.token_ids, req.num_computed)
+            written = self.kv.commit(req.seq, req.token_ids, req.num_computed)
+            req.written_blocks.extend(i for i in written if i < req.num_prompt_tokens // prompt_blocks_of)
         if logits is None:
             return []
         tokens, logprobs = self.sampler.sample(logits, [r.request_id for r in sampled], [r.params for r in sampled])
         now = time.perf_counter()
+        for req in sampled:
+            if req.cache_breakpoints and req.metrics.first_token_time is None:
+                self._pin_breakpoints(req)
         return [self._append(req, tok, lp, now) for req, tok, lp in zip(sampled, tokens, logprobs)]
 
     def _append(self, req: Request, token: int, logprob: dict | None, now: float) -> RequestOutput:
@@ -223,6 +231,22 @@ class LLMEngine:
             elif req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len:
                 self._finish(req, "length")
         return self._output(req, new_tokens=[token], new_text=req.text[prev_len:])
+
+    def _pin_breakpoints(self, req: Request) -> None:
+        """Pin the blocks up to each cache breakpoint for its TTL (a hit refreshes the pin: same call)."""
+        now = time.monotonic()
+        for num_tokens, ttl in req.cache_breakpoints:
+            self.kv.pool.pin(req.seq.blocks[: num_tokens // self.kv.block_size], now + ttl)
+
+    def explain(self, prompt: str | list[int], namespace: str = "default") -> dict[str, object]:
+        """Where a prompt would hit the cache and why it would miss where it does, with the text around the miss."""
+        ids = self.encode_prompt(prompt)
+        info = self.kv.explain(namespace, ids)
+        at = int(info["first_miss_token"])  # type: ignore[call-overload]
+        if at < len(ids):
+            info["text_before_miss"] = self.tokenizer.decode(ids[max(0, at - 24) : at], skip_special_tokens=False)
+            info["text_at_miss"] = self.tokenizer.decode(ids[at : at + 24], skip_special_tokens=False)
+        return info
 
     def _check_stop_strings(self, req: Request, prev_len: int) -> bool:
         """Finish at the first stop string that the new text completes; the text is cut before it."""
@@ -263,6 +287,8 @@ class LLMEngine:
             metrics=req.metrics,
             logprobs=req.logprobs,
             finished=req.finished,
+            num_cache_write_tokens=req.num_cache_write_tokens,
+            written_blocks=list(req.written_blocks),
             new_token_ids=new_tokens,
             new_text=new_text,
         )

@@ -117,6 +117,10 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    # Explicit cache breakpoints: (number of leading prompt tokens, TTL in seconds) to pin once prefilled.
+    cache_breakpoints: list[tuple[int, float]] = field(default_factory=list)
+    written_blocks: list[int] = field(default_factory=list)  # prompt blocks this request wrote into the cache
+    block_size: int = 16
     logprobs: list[dict[int, Logprob]] | None = None
     text: str = ""
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
@@ -126,6 +130,11 @@ class Request:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+
+    @property
+    def num_cache_write_tokens(self) -> int:
+        """Prompt tokens this request wrote into the cache (full blocks no one had cached)."""
+        return len(self.written_blocks) * self.block_size
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -163,6 +172,8 @@ class RequestOutput:
     metrics: RequestMetrics
     logprobs: list[dict[int, Logprob]] | None = None
     finished: bool = True
+    num_cache_write_tokens: int = 0  # prompt tokens this request wrote into the cache (full blocks)
+    written_blocks: list[int] = field(default_factory=list)  # which prompt blocks (index) it wrote
     new_token_ids: list[int] = field(default_factory=list)  # tokens since the previous output of a stream
     new_text: str = ""
 

@@ -1,0 +1,399 @@
+"""OpenAI-compatible endpoints: /v1/chat/completions, /v1/completions, /v1/models."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from promptcache.api.errors import APIError
+from promptcache.api.service import Finished, Service
+from promptcache.api.tenancy import Tenant
+from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
+
+DEFAULT_MAX_TOKENS = 512
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    cache_salt: str | None = None
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(_Body):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False
+
+
+def sampling_params(
+    body: _Body, max_tokens: int | None, logprobs: int | None, prompt_len: int, limit: int
+) -> SamplingParams:
+    return SamplingParams(
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=body.top_k if body.top_k is not None else -1,
+        max_tokens=max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, limit - prompt_len)),
+        seed=body.seed,
+        stop=body.stop,
+        ignore_eos=body.ignore_eos,
+        logprobs=logprobs,
+    )
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI messages -> what chat templates expect: text content, tool calls with parsed arguments."""
+    out = []
+    for i, msg in enumerate(messages):
+        role = msg.get("role")
+        if role not in ("system", "developer", "user", "assistant", "tool"):
+            raise APIError(400, f"messages[{i}].role must be system, user, assistant or tool; got {role!r}",
+                           param=f"messages[{i}].role")  # fmt: skip
+        content = msg.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
+                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
+                                   param=f"messages[{i}].content")  # fmt: skip
+                parts.append(str(part.get("text", "")))
+            content = "".join(parts)
+        elif content is not None and not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        norm: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content or ""}
+        if role == "assistant" and msg.get("tool_calls"):
+            norm["tool_calls"] = [
+                {"type": "function", "id": c.get("id"), "function": {
+                    "name": c.get("function", {}).get("name"),
+                    "arguments": _parse_args(c.get("function", {}).get("arguments"))}}
+                for c in msg["tool_calls"]
+            ]  # fmt: skip
+        if role == "tool":
+            norm["tool_call_id"] = msg.get("tool_call_id")
+        out.append(norm)
+    return out
+
+
+def _parse_args(args: Any) -> Any:
+    if isinstance(args, str):
+        try:
+            return json.loads(args)
+        except json.JSONDecodeError:
+            return args
+    return args
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """Split ``<tool_call>{"name":..., "arguments":...}</tool_call>`` blocks (Qwen/Hermes style) out of a reply."""
+    calls = []
+    for m in TOOL_CALL.finditer(text):
+        try:
+            obj = json.loads(m.group(1))
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
+            calls.append({
+                "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                "function": {"name": obj["name"], "arguments": json.dumps(obj.get("arguments", {}))},
+            })  # fmt: skip
+    if not calls:
+        return text, []
+    return TOOL_CALL.sub("", text).strip(), calls
+
+
+def openai_usage(done: Finished, completion_tokens: int | None = None) -> dict[str, Any]:
+    u = done.usage
+    completion = u.output_tokens if completion_tokens is None else completion_tokens
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": u.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        "cost": {**done.cost, "currency": "USD", "response_cached": done.response_cached},
+    }
+
+
+def _token_logprobs(service: Service, out: RequestOutput, top: int) -> list[dict[str, Any]]:
+    entries = []
+    for tok, lp in zip(out.token_ids, out.logprobs or []):
+        chosen: Logprob = lp[tok]
+        text = chosen.decoded_token or ""
+        tops = sorted(lp.items(), key=lambda kv: kv[1].rank)[:top]
+        entries.append({
+            "token": text, "logprob": chosen.logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": v.decoded_token or "", "logprob": v.logprob,
+                              "bytes": list((v.decoded_token or "").encode())} for _, v in tops],
+        })  # fmt: skip
+    return entries
+
+
+def build_router(service: Service, authenticate: Any) -> APIRouter:
+    router = APIRouter()
+
+    def check_model(model: str) -> None:
+        if model != service.model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {service.model_name!r}",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    @router.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return {"object": "list", "data": [
+            {"id": service.model_name, "object": "model", "created": 0, "owned_by": "promptcache",
+             "max_model_len": service.max_model_len}]}  # fmt: skip
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        tenant = authenticate(request)
+        raw = await read_json(request)
+        body = ChatCompletionRequest.model_validate(raw)
+        check_model(body.model)
+        ids = service.chat_ids(tenant, normalize_messages(body.messages), body.tools)
+        top = body.top_logprobs or 0
+        params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
+                                 top if body.logprobs else None, len(ids), service.max_model_len)  # fmt: skip
+        param_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        service.check(ids, params, param_name)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        cache_key = service.response_cache.key(tenant, "chat", raw) if service.response_cache else None
+        if cache_key and not body.stream:
+            hit = service.response_cache.get(cache_key)  # type: ignore[union-attr]
+            if hit is not None:
+                service.metrics.response_cache_hits.inc()
+                return {**hit, "id": rid, "created": created, "response_cached": True,
+                        "usage": {**hit["usage"], "cost": _zero_cost(hit["usage"]["cost"])}}  # fmt: skip
+        if body.stream:
+            return await stream_response(chat_chunks(service, tenant, body, ids, params, rid, created), service)
+        results = await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai")
+        choices = []
+        for i, done in enumerate(results):
+            out = done.output
+            text, calls = parse_tool_calls(out.text) if body.tools else (out.text, [])
+            message: dict[str, Any] = {"role": "assistant", "content": text if not calls else (text or None)}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({
+                "index": i, "message": message,
+                "finish_reason": "tool_calls" if calls else out.finish_reason,
+                "logprobs": {"content": _token_logprobs(service, out, top)} if body.logprobs else None,
+            })  # fmt: skip
+        response = {
+            "id": rid, "object": "chat.completion", "created": created, "model": service.model_name,
+            "choices": choices, "usage": openai_usage(results[0], sum(len(d.output.token_ids) for d in results)),
+            "system_fingerprint": f"promptcache-{service.engine.engine.fingerprint[:12]}",
+        }  # fmt: skip
+        if cache_key:
+            service.response_cache.put(cache_key, response)  # type: ignore[union-attr]
+        return response
+
+    @router.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        tenant = authenticate(request)
+        body = CompletionRequest.model_validate(await read_json(request))
+        check_model(body.model)
+        prompts = _completion_prompts(service, body.prompt)
+        if len(prompts) != 1 and body.stream:
+            raise APIError(400, "streaming supports one prompt per request", param="prompt")
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        all_params = []
+        for ids in prompts:
+            params = sampling_params(body, body.max_tokens, body.logprobs, len(ids), service.max_model_len)
+            service.check(ids, params)
+            all_params.append(params)
+        if body.stream:
+            return await stream_response(
+                completion_chunks(service, tenant, body, prompts[0], all_params[0], rid, created), service
+            )
+        results: list[Finished] = []
+        for ids, params in zip(prompts, all_params):
+            results.extend(await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai"))
+        choices = []
+        for i, done in enumerate(results):
+            out = done.output
+            lp = None
+            if body.logprobs is not None:
+                entries = _token_logprobs(service, out, body.logprobs)
+                lp = {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                      "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+                      "text_offset": []}  # fmt: skip
+            choices.append({"index": i, "text": out.text, "finish_reason": out.finish_reason, "logprobs": lp})
+        usage = openai_usage(results[0], sum(len(d.output.token_ids) for d in results))
+        if len(prompts) > 1:  # several prompts: add up every prompt's own accounting
+            per_prompt = results[:: body.n]
+            usage["prompt_tokens"] = sum(d.usage.prompt_tokens for d in per_prompt)
+            usage["prompt_tokens_details"]["cached_tokens"] = sum(d.usage.cached_tokens for d in per_prompt)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            usage["cost"]["total"] = sum(d.cost["total"] for d in results)
+        return {"id": rid, "object": "text_completion", "created": created, "model": service.model_name,
+                "choices": choices, "usage": usage}  # fmt: skip
+
+    return router
+
+
+def _zero_cost(cost: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: 0.0 for k, v in cost.items() if isinstance(v, float)}, "currency": "USD", "response_cached": True}
+
+
+def _completion_prompts(service: Service, prompt: Any) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [service.text_ids(prompt)]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return [service.text_ids(p) for p in prompt]
+    if prompt and all(isinstance(p, list) for p in prompt):
+        return [list(p) for p in prompt]
+    raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from err
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+async def run_n(
+    service: Service, tenant: Tenant, salt: str | None, ids: list[int], params: SamplingParams, n: int, api: str
+) -> list[Finished]:
+    """n choices: the first runs alone until its prompt is cached, then the others start and hit that cache."""
+    if n == 1:
+        return [await service.complete(tenant, salt, ids, params, api)]
+    first_stream = service.stream(tenant, salt, ids, params, api)
+    first_out = await anext(first_stream)
+
+    async def finish_first() -> Finished:
+        out = first_out
+        async for out in first_stream:  # noqa: B007 - the last one is the final output
+            pass
+        return service.account(out)
+
+    rest = [service.complete(tenant, salt, ids, _seeded(params, i), api) for i in range(1, n)]
+    return list(await asyncio.gather(finish_first(), *rest))
+
+
+def _sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+async def stream_response(chunks: AsyncIterator[bytes], service: Service) -> StreamingResponse:
+    """Start the stream only once the first chunk exists, so that errors before it get a proper status."""
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        first = b""
+
+    async def body() -> AsyncIterator[bytes]:
+        yield first
+        async for chunk in chunks:
+            yield chunk
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+async def chat_chunks(
+    service: Service, tenant: Tenant, body: ChatCompletionRequest, ids: list[int], params: SamplingParams,
+    rid: str, created: int,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    outs: list[RequestOutput] = []
+    streams = [service.stream(tenant, body.cache_salt, ids, _seeded(params, i), "openai") for i in range(body.n)]
+    # The first output arrives before any byte is sent: a busy engine or bad input still gets its HTTP status.
+    first_out = await anext(streams[0])
+    for i in range(body.n):
+        yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                         "logprobs": None, "finish_reason": None}]})  # fmt: skip
+    top = body.top_logprobs or 0
+    for i, stream in enumerate(streams):  # choices one after another: each later one hits the first's prompt
+        async for out in _prepend(first_out, stream) if i == 0 else stream:
+            delta: dict[str, Any] = {"content": out.new_text} if out.new_text else {}
+            lp = None
+            if body.logprobs and out.new_token_ids:
+                view = RequestOutput(**{**out.__dict__, "token_ids": out.new_token_ids,
+                                        "logprobs": (out.logprobs or [])[-len(out.new_token_ids):]})  # fmt: skip
+                lp = {"content": _token_logprobs(service, view, top)}
+            if delta or lp or out.finished:
+                reason = out.finish_reason if out.finished else None
+                choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": reason}
+                yield _sse({**base, "choices": [choice]})
+            if out.finished:
+                outs.append(out)
+    if include_usage:
+        done = [service.account(o) for o in outs]
+        yield _sse({**base, "choices": [], "usage": openai_usage(done[0], sum(len(o.token_ids) for o in outs))})
+    else:
+        for o in outs:
+            service.account(o)
+    yield b"data: [DONE]\n\n"
+
+
+async def completion_chunks(
+    service: Service, tenant: Tenant, body: CompletionRequest, ids: list[int], params: SamplingParams,
+    rid: str, created: int,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    base = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name}
+    include_usage = bool((body.stream_options or {}).get("include_usage"))
+    final: RequestOutput | None = None
+    async for out in service.stream(tenant, body.cache_salt, ids, params, "openai"):
+        if out.new_text or out.finished:
+            reason = out.finish_reason if out.finished else None
+            yield _sse(
+                {**base, "choices": [{"index": 0, "text": out.new_text, "logprobs": None, "finish_reason": reason}]}
+            )
+        final = out
+    assert final is not None
+    done = service.account(final)
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": openai_usage(done)})
+    yield b"data: [DONE]\n\n"
+
+
+async def _prepend(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    yield first
+    async for item in rest:
+        yield item
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    if i == 0:
+        return params
+    p = SamplingParams(**{**params.__dict__})
+    p.seed = None if params.seed is None else params.seed + i
+    return p

@@ -1,0 +1,156 @@
+"""The HTTP server: FastAPI app over an ``AsyncEngine``, with auth, errors in each API's format, cache control."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from promptcache.api import openai_api
+from promptcache.api.errors import APIError
+from promptcache.api.service import Service
+from promptcache.api.tenancy import Tenancy, Tenant
+from promptcache.engine.async_engine import AsyncEngine
+from promptcache.pricing import PriceTable
+
+log = logging.getLogger("promptcache.server")
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str = "promptcache-default"
+    tenancy: Tenancy = field(default_factory=Tenancy)
+    prices: PriceTable = field(default_factory=lambda: PriceTable.preset("default"))
+    response_cache: bool = False
+    max_waiting: int = 1024
+
+
+# Builders of prompt ids for /v1/cache/explain, by API: (service, tenant, body) -> (ids, cache_salt).
+PromptBuilder = Callable[[Service, Tenant, dict[str, Any]], tuple[list[int], str | None]]
+
+
+def _openai_prompt(service: Service, tenant: Tenant, body: dict[str, Any]) -> tuple[list[int], str | None]:
+    if "prompt" in body and isinstance(body["prompt"], str):
+        return service.text_ids(body["prompt"]), body.get("cache_salt")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "explain needs a request body with 'messages' (or a 'prompt' string)")
+    ids = service.chat_ids(tenant, openai_api.normalize_messages(messages), body.get("tools"))
+    return ids, body.get("cache_salt")
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
+    """The app; the engine thread starts and stops with it."""
+    cfg = config or ServerConfig()
+    service = Service(engine, cfg.served_model_name, cfg.tenancy, cfg.prices, cfg.response_cache)
+    engine.max_waiting = cfg.max_waiting
+    builders: dict[str, PromptBuilder] = {"openai": _openai_prompt}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="promptcache", lifespan=lifespan)
+    app.state.service = service
+    app.state.prompt_builders = builders
+
+    def is_anthropic(request: Request) -> bool:
+        return request.url.path.startswith("/v1/messages")
+
+    def error_response(request: Request, err: APIError) -> JSONResponse:
+        body = err.anthropic_body() if is_anthropic(request) else err.openai_body()
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, err: APIError) -> JSONResponse:
+        return error_response(request, err)
+
+    @app.exception_handler(RequestValidationError)
+    @app.exception_handler(ValidationError)
+    async def on_validation_error(request: Request, err: Exception) -> JSONResponse:
+        errors = err.errors() if hasattr(err, "errors") else []
+        parts = []
+        for e in errors[:3]:
+            where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
+        return error_response(request, APIError(400, "invalid request: " + "; ".join(parts), param=param))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error serving %s", request.url.path)
+        return error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
+
+    def authenticate(request: Request) -> Tenant:
+        return service.tenancy.resolve(request.headers)
+
+    app.state.authenticate = authenticate
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        stats = await service.cache_stats()
+        return {"status": "ok", "model": service.model_name, "requests": engine.num_waiting_or_running,
+                "blocks_in_use": stats["blocks_in_use"]}  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        await service.cache_stats()
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/cache/stats")
+    async def cache_stats(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        stats = await service.cache_stats()
+        return {**stats, "model": service.model_name, "replay_entries": len(service.replay),
+                "response_cache_entries": len(service.response_cache.entries) if service.response_cache else None,
+                "pricing_per_million_tokens": service.prices.as_dict()}  # fmt: skip
+
+    @app.post("/v1/cache/explain")
+    async def cache_explain(request: Request) -> dict[str, Any]:
+        tenant = authenticate(request)
+        body = await openai_api.read_json(request)
+        anthropic_shaped = "system" in body or _looks_anthropic(body)
+        api = body.get("api") or ("anthropic" if anthropic_shaped and "anthropic" in builders else "openai")
+        if api not in builders:
+            raise APIError(400, f"api must be one of {', '.join(builders)}")
+        ids, salt = builders[api](service, tenant, body)
+        info = await service.engine.call_async(lambda e: e.explain(ids, tenant.namespace(salt)))
+        return {"api": api, **info}
+
+    @app.post("/v1/cache/reset")
+    async def cache_reset(request: Request) -> dict[str, Any]:
+        tenant = authenticate(request)
+        if not tenant.admin:
+            raise APIError(403, "resetting the cache needs an admin API key")
+        dropped = await service.engine.call_async(lambda e: e.kv.pool.reset())
+        return {"reset": True, "blocks_dropped": dropped}
+
+    app.include_router(openai_api.build_router(service, authenticate))
+    try:
+        from promptcache.api import anthropic_api
+    except ImportError:  # pragma: no cover - during development the Anthropic API may be absent
+        anthropic_api = None  # type: ignore[assignment]
+    if anthropic_api is not None:
+        app.include_router(anthropic_api.build_router(service, authenticate))
+        builders["anthropic"] = anthropic_api.explain_prompt
+    return app
+
+
+def _looks_anthropic(body: dict[str, Any]) -> bool:
+    """Anthropic bodies carry content blocks with cache_control, or a top-level cache_control."""
+    if "cache_control" in body:
+        return True
+    for msg in body.get("messages", []):
+        content = msg.get("content") if isinstance(msg, dict) else None
+        if isinstance(content, list) and any(isinstance(b, dict) and "cache_control" in b for b in content):
+            return True
+    return False

@@ -1,0 +1,218 @@
+"""What both APIs share: prompts from messages (with token-exact replay), running a request, usage and cost."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from promptcache.api.errors import APIError
+from promptcache.api.metrics import Metrics
+from promptcache.api.tenancy import Tenancy, Tenant
+from promptcache.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from promptcache.engine.request import RequestOutput, SamplingParams
+from promptcache.pricing import PriceTable, TokenUsage
+from promptcache.replay import ReplayStore, render_chat_ids, replay_ids
+from promptcache.tokenizer import ChatTemplateError
+
+TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+
+
+@dataclass
+class Finished:
+    """A request's final output with its accounting."""
+
+    output: RequestOutput
+    usage: TokenUsage
+    cost: dict[str, float]
+    response_cached: bool = False
+
+
+@dataclass
+class ResponseCache:
+    """Memoised answers to deterministic requests, per tenant (opt-in; bounded LRU)."""
+
+    capacity: int = 1024
+    entries: OrderedDict[str, Any] = field(default_factory=OrderedDict)
+
+    @staticmethod
+    def key(tenant: Tenant, api: str, body: dict[str, Any]) -> str | None:
+        """A key for a deterministic request (temperature 0 or a fixed seed); None if it is not deterministic."""
+        temperature = body.get("temperature", 1.0)
+        if (body.get("n") or 1) > 1 or not (temperature == 0 or body.get("seed") is not None):
+            return None
+        ignored = {"stream", "stream_options", "user", "metadata"}
+        canonical = json.dumps({k: v for k, v in body.items() if k not in ignored}, sort_keys=True, default=str)
+        return hashlib.sha256(f"{tenant.name}\x1f{api}\x1f{canonical}".encode()).hexdigest()
+
+    def get(self, key: str) -> Any:
+        value = self.entries.get(key)
+        if value is not None:
+            self.entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: Any) -> None:
+        self.entries[key] = value
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
+class Service:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        tenancy: Tenancy,
+        prices: PriceTable,
+        response_cache: bool = False,
+    ):
+        self.engine = engine
+        self.model_name = model_name
+        self.tenancy = tenancy
+        self.prices = prices
+        self.metrics = Metrics()
+        self.replay = ReplayStore(capacity=16384)
+        self.response_cache = ResponseCache() if response_cache else None
+        core = engine.engine
+        self.tokenizer = core.tokenizer
+        self.max_model_len = core.max_model_len
+        self.block_size = core.kv.block_size
+        self.vocab_size = core.model_config.vocab_size
+
+    # ---- prompts --------------------------------------------------------------------------------------------
+    def chat_ids(
+        self, tenant: Tenant, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[int]:  # fmt: skip
+        """Render a conversation with the chat template; our own earlier answers keep their generated ids."""
+        try:
+            return render_chat_ids(self.tokenizer, messages, self.replay, tenant.name, tools, add_generation_prompt)
+        except ChatTemplateError as err:
+            raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from err
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def check(self, ids: list[int], params: SamplingParams, max_tokens_param: str = "max_tokens") -> None:
+        """Refuse, before queueing, a request the engine could not serve (400 with the reason)."""
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="messages")
+        if len(ids) >= self.max_model_len:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens, but this model's context holds {self.max_model_len} tokens "
+                "(and at least one must be generated)",
+                code="context_length_exceeded",
+            )
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise APIError(
+                400,
+                f"{max_tokens_param}={params.max_tokens} is too large: the prompt has {len(ids)} tokens and the "
+                f"context holds {self.max_model_len}, so at most {self.max_model_len - len(ids)} can be generated",
+                param=max_tokens_param,
+                code="context_length_exceeded",
+            )
+        try:
+            params.validate(self.vocab_size)
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+
+    # ---- running ------------------------------------------------------------------------------------------
+    async def stream(
+        self,
+        tenant: Tenant,
+        cache_salt: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        api: str,
+        cache_breakpoints: Sequence[tuple[int, str]] = (),
+    ) -> AsyncIterator[RequestOutput]:
+        """Run one request, yielding its outputs; records latency, tokens and cost when it finishes."""
+        self.check(ids, params)
+        breakpoints = [(n, TTL_SECONDS[ttl]) for n, ttl in cache_breakpoints]
+        request_id = f"{api}-{uuid.uuid4().hex}"
+        start = time.perf_counter()
+        last = start
+        first = True
+        try:
+            gen = self.engine.generate(ids, params, tenant.namespace(cache_salt), request_id, breakpoints)
+            async for out in gen:
+                now = time.perf_counter()
+                if first:
+                    self.metrics.ttft.observe(now - start)
+                    first = False
+                elif out.new_token_ids:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                if out.finished:
+                    ids_for_replay = replay_ids(
+                        self.tokenizer, out.token_ids, out.text, self.engine.engine.eos_token_ids
+                    )
+                    if ids_for_replay is not None:
+                        self.replay.remember(tenant.name, out.text, ids_for_replay)
+                    self.metrics.requests.labels(api, out.finish_reason or "stop").inc()
+                yield out
+        except QueueFullError as err:
+            self.metrics.requests.labels(api, "rejected").inc()
+            raise APIError(429, f"the server is busy: {err}", headers={"Retry-After": "1"}) from err
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
+        except EngineDeadError as err:
+            self.metrics.requests.labels(api, "error").inc()
+            raise APIError(500, str(err)) from err
+
+    async def complete(
+        self,
+        tenant: Tenant,
+        cache_salt: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        api: str,
+        cache_breakpoints: Sequence[tuple[int, str]] = (),
+    ) -> Finished:
+        """Run one request to the end."""
+        final: RequestOutput | None = None
+        async for out in self.stream(tenant, cache_salt, ids, params, api, cache_breakpoints):
+            final = out
+        assert final is not None
+        return self.account(final, cache_breakpoints)
+
+    def account(self, out: RequestOutput, cache_breakpoints: Sequence[tuple[int, str]] = ()) -> Finished:
+        """Usage and cost of a finished request; also adds them to the metrics."""
+        usage = self.usage_of(out, cache_breakpoints)
+        cost = self.prices.for_model(self.model_name).cost(usage)
+        self.metrics.record_usage(usage, cost)
+        return Finished(out, usage, cost)
+
+    def usage_of(self, out: RequestOutput, cache_breakpoints: Sequence[tuple[int, str]] = ()) -> TokenUsage:
+        """prompt = cached (read) + written under a breakpoint (by TTL) + the uncached rest.
+
+        NOTE: the engine caches every full block, but a write is billed only where the client asked for caching
+        (inside a breakpoint's span, Anthropic style); other blocks are cached for free, OpenAI style.
+        """
+        writes = {"5m": 0, "1h": 0}
+        spans = sorted(cache_breakpoints)
+        for b in out.written_blocks:
+            end = (b + 1) * self.block_size
+            for n, ttl in spans:
+                if end <= n:
+                    writes[ttl] += self.block_size
+                    break
+        return TokenUsage(
+            prompt_tokens=len(out.prompt_token_ids),
+            cached_tokens=out.num_cached_tokens,
+            output_tokens=len(out.token_ids),
+            cache_write_5m_tokens=writes["5m"],
+            cache_write_1h_tokens=writes["1h"],
+        )
+
+    async def cache_stats(self) -> dict[str, Any]:
+        stats = await self.engine.call_async(lambda e: e.cache_stats())
+        self.metrics.set_cache_state(stats)
+        return stats

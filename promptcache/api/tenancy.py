@@ -1,0 +1,77 @@
+"""Who is calling: API keys map to tenants; a tenant's cache namespace never meets another tenant's."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from promptcache.api.errors import APIError
+
+LOCAL_TENANT = "local"
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    admin: bool = False
+
+    def namespace(self, cache_salt: str | None = None) -> str:
+        """The cache namespace: the tenant, partitioned further by an optional salt."""
+        return f"{self.name}\x1f{cache_salt or ''}"
+
+
+class Tenancy:
+    """Resolves ``Authorization: Bearer KEY`` or ``x-api-key: KEY`` to a tenant.
+
+    With no keys configured, every caller is the one local tenant (and admin); the server then binds to loopback.
+    """
+
+    def __init__(self, keys: Mapping[str, Tenant] | None = None):
+        self.keys = dict(keys or {})
+
+    @property
+    def open(self) -> bool:
+        return not self.keys
+
+    @classmethod
+    def from_options(cls, api_keys: list[str] | None = None, api_keys_file: str | None = None,
+                     admin_keys: list[str] | None = None) -> Tenancy:  # fmt: skip
+        """Keys from ``--api-key`` (each its own tenant, named by the key's position) and a JSON file mapping
+        each key to its tenant's name (or to ``{"tenant": name, "admin": true}``)."""
+        keys: dict[str, Tenant] = {}
+        for i, key in enumerate(api_keys or []):
+            keys[key] = Tenant(f"key-{i}")
+        if api_keys_file:
+            try:
+                raw = json.loads(Path(api_keys_file).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read API keys file {api_keys_file}: {err}") from err
+            if not isinstance(raw, dict):
+                raise ValueError(f"API keys file {api_keys_file} must hold a JSON object of key -> tenant")
+            for key, value in raw.items():
+                if isinstance(value, str):
+                    keys[key] = Tenant(value)
+                elif isinstance(value, dict) and isinstance(value.get("tenant"), str):
+                    keys[key] = Tenant(value["tenant"], bool(value.get("admin", False)))
+                else:
+                    raise ValueError(f"API keys file: the value for a key must be a tenant name, got {value!r}")
+        for key in admin_keys or []:
+            keys[key] = Tenant(keys[key].name if key in keys else "admin", admin=True)
+        return cls(keys)
+
+    def resolve(self, headers: Mapping[str, str]) -> Tenant:
+        if self.open:
+            return Tenant(LOCAL_TENANT, admin=True)
+        key = headers.get("x-api-key")
+        auth = headers.get("authorization", "")
+        if key is None and auth.lower().startswith("bearer "):
+            key = auth[7:].strip()
+        if not key:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                           code="invalid_api_key")  # fmt: skip
+        tenant = self.keys.get(key)
+        if tenant is None:
+            raise APIError(401, "invalid API key", code="invalid_api_key")
+        return tenant
