@@ -130,6 +130,13 @@ class Tokenizer:
         """
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[int]]:
+        """Token ids of ``text`` and the character offset where each token ends."""
+        if not text:
+            return [], []
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return list(enc.ids), [end for _, end in enc.offsets]
+
     def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
         """:meth:`encode` of several texts at once (in parallel on the Rust side)."""
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]

@@ -279,3 +279,33 @@ def test_cli_reports_bad_model_folder(tmp_path) -> None:
         timeout=120,
     )
     assert res.returncode == 2 and "config.json" in res.stderr
+
+
+def test_streamed_text_never_includes_part_of_a_stop_string(llm: LLM) -> None:
+    prompt = "Once upon a time"
+    full = llm.generate([prompt], GREEDY)[0].text
+    # A stop string that straddles token boundaries somewhere in the middle of the greedy text.
+    stop = full[len(full) // 3 : len(full) // 3 + 4]
+    eng = llm.engine
+    req = eng.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=24, stop=[stop], ignore_eos=True))
+    pieces = []
+    while not req.finished:
+        pieces.extend(o.new_text for o in eng.step() if o.request_id == req.request_id)
+    assert "".join(pieces) == req.text == full[: full.index(stop)]
+    eng.release(req.request_id)
+
+
+def test_pins_are_renewed_by_any_hit() -> None:
+    llm = LLM(kv_cache_memory_gb=0.02)
+    eng = llm.engine
+    now = [1000.0]
+    eng.kv.pool._clock = lambda: now[0]
+    prompt = ids(40, 100)
+    req = eng.add_request(prompt, SamplingParams(max_tokens=1), cache_breakpoints=[(96, 300.0)])
+    while not req.finished:
+        eng.step()
+    pinned = [b for b in eng.kv.pool.blocks if b.pinned_until > now[0]]
+    assert len(pinned) == 6 and all(b.pinned_until == 1300.0 for b in pinned)
+    now[0] = 1200.0
+    llm.generate([prompt[:97]], SamplingParams(max_tokens=1))  # no breakpoint of its own, reads the prefix
+    assert all(b.pinned_until == 1500.0 for b in pinned)

@@ -146,11 +146,14 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
 
 def _looks_anthropic(body: dict[str, Any]) -> bool:
-    """Anthropic bodies carry content blocks with cache_control, or a top-level cache_control."""
+    """Anthropic bodies: cache_control anywhere, tools with an input_schema, or tool_use / tool_result blocks."""
     if "cache_control" in body:
+        return True
+    if any(isinstance(t, dict) and "input_schema" in t for t in body.get("tools") or []):
         return True
     for msg in body.get("messages", []):
         content = msg.get("content") if isinstance(msg, dict) else None
-        if isinstance(content, list) and any(isinstance(b, dict) and "cache_control" in b for b in content):
-            return True
+        for b in content if isinstance(content, list) else []:
+            if isinstance(b, dict) and ("cache_control" in b or b.get("type") in ("tool_use", "tool_result")):
+                return True
     return False

@@ -30,6 +30,7 @@ class Block:
     parent_hash: BlockHash | None = None
     token_ids: tuple[int, ...] | None = None  # kept for the integrity check and for explaining misses
     pinned_until: float = 0.0
+    pin_ttl: float = 0.0  # the TTL of the latest pin: a hit on a pinned block renews it for this long
 
 
 class BlockPool:
@@ -58,6 +59,10 @@ class BlockPool:
         self.max_pinned = int(num_blocks * max_pinned_fraction)
         # Addresses evicted lately, to tell "evicted" from "never cached" when explaining a miss.
         self.recently_evicted: OrderedDict[BlockHash, None] = OrderedDict()
+
+    def now(self) -> float:
+        """The pool's clock (pins are set and expire on it)."""
+        return self._clock()
 
     # ---- counts -------------------------------------------------------------------------------------------
     @property
@@ -180,10 +185,17 @@ class BlockPool:
                 if len(self.recently_evicted) > 65536:
                     self.recently_evicted.popitem(last=False)
         blk.block_hash = blk.parent_hash = blk.token_ids = None
-        blk.pinned_until = 0.0
+        blk.pinned_until = blk.pin_ttl = 0.0
         self._pins.pop(blk.block_id, None)
 
     # ---- pins (explicit cache breakpoints with a TTL) -------------------------------------------------------
+    def refresh_pins(self, blocks: Iterable[Block]) -> None:
+        """A hit renews the pins of the blocks it read (Anthropic refreshes a cache entry's TTL on every read)."""
+        now = self._clock()
+        for blk in blocks:
+            if blk.pinned_until > now:
+                blk.pinned_until = max(blk.pinned_until, now + blk.pin_ttl)
+
     def pin(self, blocks: Iterable[Block], until: float) -> int:
         """Protect registered blocks from eviction until ``until`` (clock seconds); extends, never shortens.
 
@@ -201,6 +213,7 @@ class BlockPool:
                     break
                 pinned_now += 1
             blk.pinned_until = max(blk.pinned_until, until)
+            blk.pin_ttl = max(blk.pin_ttl, until - now)
             self._pins[blk.block_id] = blk
             if blk.ref_count == 0 and self._evictable.pop(blk.block_id, None) is not None:
                 self._pinned[blk.block_id] = blk

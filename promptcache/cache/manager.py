@@ -80,6 +80,7 @@ class KVCacheManager:
         if need > self.pool.num_available - idle_hits:
             return None
         self.pool.acquire(hit)
+        self.pool.refresh_pins(hit)
         seq.blocks = hit + self.pool.allocate(need)
         seq.num_registered = len(hit)
         return num_cached

@@ -222,6 +222,7 @@ class LLMEngine:
             req.logprobs.append(logprob)
         params = req.params
         prev_len = len(req.text)
+        streamed = req.num_streamed_chars
         if token in req.eos_token_ids or token in params.stop_token_ids:
             self._finish(req, "stop", stop_reason=token)
         else:
@@ -230,11 +231,15 @@ class LLMEngine:
                 pass
             elif req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len:
                 self._finish(req, "length")
-        return self._output(req, new_tokens=[token], new_text=req.text[prev_len:])
+        # NOTE: while a stop string could still complete, hold back its length - 1 characters: text once
+        # streamed is never taken back, so streamed pieces always add up to the final text.
+        hold = 0 if req.finished or not params.stop else max(len(s) for s in params.stop) - 1
+        req.num_streamed_chars = max(streamed, len(req.text) - hold)
+        return self._output(req, new_tokens=[token], new_text=req.text[streamed : req.num_streamed_chars])
 
     def _pin_breakpoints(self, req: Request) -> None:
         """Pin the blocks up to each cache breakpoint for its TTL (a hit refreshes the pin: same call)."""
-        now = time.monotonic()
+        now = self.kv.pool.now()
         for num_tokens, ttl in req.cache_breakpoints:
             self.kv.pool.pin(req.seq.blocks[: num_tokens // self.kv.block_size], now + ttl)
 

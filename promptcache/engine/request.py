@@ -123,6 +123,7 @@ class Request:
     block_size: int = 16
     logprobs: list[dict[int, Logprob]] | None = None
     text: str = ""
+    num_streamed_chars: int = 0  # text[:num_streamed_chars] has been handed out as new_text
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(time.perf_counter()))
 
     def __post_init__(self) -> None:
