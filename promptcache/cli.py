@@ -125,11 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
+# Subcommands with parsers of their own: `promptcache bench ...` is `python -m promptcache.bench.runner ...`.
+DELEGATED = {
+    "bench": ("promptcache.bench.runner", "run workloads against targets and write reports (see --help)"),
+    "calibrate": ("promptcache.bench.calibrate", "measure per-token compute costs and write a pricing file"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATED:
+        import importlib
+
+        return int(importlib.import_module(DELEGATED[argv[0]][0]).main(argv[1:]) or 0)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except ValueError as err:

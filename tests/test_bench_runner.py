@@ -1,0 +1,226 @@
+"""The workload benchmark: an end-to-end --quick run and its report, and the arithmetic the report rests on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from promptcache.bench.runner import (
+    ENDPOINT,
+    ENGINE_OFF,
+    ENGINE_ON,
+    TRANSFORMERS,
+    Record,
+    cost_comparison,
+    main,
+    percentile,
+    previous_turn_share,
+    price_run,
+    run_endpoint,
+)
+from promptcache.bench.workloads import WORKLOADS, make_workload
+from promptcache.pricing import PRESETS, Pricing
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("ttft_by_turn.png", "hit_ratio_vs_belady.png", "cost_by_component.png")
+
+
+def record(session: int, step: int, prompt: int, cached: int | None, output: int) -> Record:
+    return Record(
+        index=0,
+        session=session,
+        session_id=f"s{session}",
+        step=step,
+        turn=step + 1,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        output_tokens=output,
+        ttft_s=0.01,
+        tpot_s=0.001,
+        e2e_s=0.02,
+    )
+
+
+# ---- helpers, by hand ------------------------------------------------------------------------------------------
+def test_percentile_interpolates_linearly_between_closest_ranks() -> None:
+    values = [4.0, 1.0, 3.0, 2.0]  # unsorted on purpose
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 2.5
+    assert percentile(values, 90) == pytest.approx(3.7)  # rank 2.7: 3 + 0.7 x (4 - 3)
+    assert percentile(values, 100) == 4.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+    with pytest.raises(ValueError, match="percentile"):
+        percentile(values, 101)
+
+
+def test_a_run_is_priced_by_component_from_its_token_counts() -> None:
+    # Two requests of 1,000 prompt tokens and 10 output tokens; the second reads 800 of its prompt from the cache.
+    on = [record(0, 0, 1000, 0, 10), record(1, 0, 1000, 800, 10)]
+    default = PRESETS["default"]  # $1 input, $0.10 cached input, $4 output per million tokens
+    cost = price_run(on, default)
+    assert cost["input"] == pytest.approx(1200 * 1e-6)  # 1,000 + 200 uncached prompt tokens
+    assert cost["cached_input"] == pytest.approx(800 * 0.10e-6)
+    assert cost["output"] == pytest.approx(20 * 4e-6)
+    assert cost["cache_write_5m"] == cost["cache_write_1h"] == 0.0  # no breakpoints, no cache writes
+    assert cost["total"] == pytest.approx(0.00136)
+
+    # Without a caching-off run, "off" is the same tokens priced with no cache reads: 2,000 x $1 + 20 x $4.
+    cmp = cost_comparison(on, None, {"default": default})["default"]
+    assert cmp["off"]["total"] == pytest.approx(0.00208)
+    assert cmp["on"]["total"] == pytest.approx(0.00136)
+    assert cmp["saving_usd"] == pytest.approx(0.00072)
+    assert cmp["saving_pct"] == pytest.approx(100 * 0.00072 / 0.00208)
+
+    # With a caching-off run, that run is priced as it happened.
+    off = [record(0, 0, 1000, 0, 10), record(1, 0, 1000, 0, 12)]
+    flat = Pricing(input=2.0, cached_input=0.0, cache_write_5m=0.0, cache_write_1h=0.0, output=10.0)
+    cmp = cost_comparison(on, off, {"flat": flat})["flat"]
+    assert cmp["off"]["total"] == pytest.approx(2000 * 2e-6 + 22 * 10e-6)
+    assert cmp["on"]["total"] == pytest.approx(1200 * 2e-6 + 20 * 10e-6)
+
+
+def test_previous_turn_share_counts_the_previous_prompt_and_answer() -> None:
+    recs = [
+        record(0, 0, 100, 0, 12),  # turn 1: 100 + 12 tokens
+        record(0, 1, 150, 96, 12),  # turn 2 reads 96 of them (6 blocks of 16; block 7 is partial)
+        record(1, 0, 64, 0, 16),  # another session: 80 tokens
+        record(1, 1, 120, 64, 16),  # reads 64 of them (the answer's last token's KV is never computed)
+    ]
+    share = previous_turn_share(recs, block_size=16)
+    assert share is not None
+    assert share["turns"] == 2
+    assert share["min"] == pytest.approx(64 / 80)
+    assert share["mean"] == pytest.approx((96 / 112 + 64 / 80) / 2)
+    assert share["achievable_mean"] == pytest.approx((96 / 112 + 64 / 80) / 2)  # both hit all that a cache could
+    assert previous_turn_share([record(0, 0, 100, None, 12), record(0, 1, 150, None, 12)], 16) is None
+
+
+# ---- the end-to-end quick run ----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """`promptcache bench --workload all --quick`: every workload, every target, a quick calibration."""
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--workload", "all", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_quick_run_writes_json_markdown_and_three_png_plots(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = quick_run
+    summary = (out / "summary.md").read_text()
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC, name
+        assert len(data) > 5_000, f"{name} is only {len(data)} bytes"
+        assert f"]({name})" in summary  # the summary shows it
+    assert list(results["workloads"]) == list(WORKLOADS)
+    assert results["command"] == "promptcache bench --workload all --quick --out " + str(out) + " --no-progress"
+    assert results["machine"]["cpu_count"] >= 1 and results["machine"]["memory_gib"] > 0
+    assert {"python", "torch", "transformers", "promptcache"} <= set(results["versions"])
+    assert results["seed"] == 0 and results["quick"] is True
+    assert results["calibration"]["prefill_s_per_token"] > 0
+    for section in ("## Headline", "## Latency and throughput", "## Hit ratio against Belady", "## Cost",
+                    "## Compute cost per token"):  # fmt: skip
+        assert section in summary
+
+
+def test_every_target_runs_the_same_requests(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    for name, w in results["workloads"].items():
+        runs = w["runs"]
+        assert set(runs) == {ENGINE_ON, ENGINE_OFF, TRANSFORMERS}
+        expected = make_workload(name, quick=True).num_requests()
+        for target, run in runs.items():
+            recs = run["records"]
+            assert len(recs) == expected, (name, target)
+            assert all(r["ttft_s"] > 0 and r["e2e_s"] >= r["ttft_s"] for r in recs), (name, target)
+            assert "prompt_ids" not in recs[0]  # the id lists stay out of results.json
+        on, hf = runs[ENGINE_ON]["records"], runs[TRANSFORMERS]["records"]
+        assert [r["prompt_tokens"] for r in hf] == [r["prompt_tokens"] for r in on]
+        assert [r["output_tokens"] for r in hf] == [r["output_tokens"] for r in on]
+
+
+def test_caching_cuts_time_to_first_token_under_a_shared_system_prompt(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    w = results["workloads"]["system-prompt"]
+    on, off = w["runs"][ENGINE_ON]["figures"], w["runs"][ENGINE_OFF]["figures"]
+    assert on["ttft_p50_s"] < off["ttft_p50_s"]
+    assert w["ttft_p50_off_over_on"] == pytest.approx(off["ttft_p50_s"] / on["ttft_p50_s"])
+    assert on["cached_share"] > 0.5  # every question after the first reads the system prompt from the cache
+
+
+def test_chat_turns_hit_the_cache_through_the_previous_answer(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    share = results["workloads"]["chat"]["previous_turn_share"][ENGINE_ON]
+    assert share["turns"] > 0
+    assert share["min"] >= 0.9
+    turns = results["workloads"]["chat"]["runs"][ENGINE_ON]["figures"]["ttft_by_turn"]
+    assert [t["turn"] for t in turns] == list(range(1, len(turns) + 1))
+
+
+def test_nothing_is_served_from_cache_with_caching_off(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    for name, w in results["workloads"].items():
+        for target in (ENGINE_OFF, TRANSFORMERS):
+            assert all(r["cached_tokens"] == 0 for r in w["runs"][target]["records"]), (name, target)
+            assert w["runs"][target]["figures"]["cached_tokens"] == 0
+
+
+def test_caching_saves_money_under_the_default_preset(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    default = PRESETS["default"]
+    for name, w in results["workloads"].items():
+        cost = w["cost"]["default"]
+        assert cost["saving_usd"] > 0, name
+        assert cost["on"]["total"] < cost["off"]["total"]
+        # The report's "on" total is the caching-on run's records priced by hand.
+        recs = w["runs"][ENGINE_ON]["records"]
+        prompt = sum(r["prompt_tokens"] for r in recs)
+        cached = sum(r["cached_tokens"] for r in recs)
+        output = sum(r["output_tokens"] for r in recs)
+        by_hand = ((prompt - cached) * default.input + cached * default.cached_input + output * default.output) / 1e6
+        assert cost["on"]["total"] == pytest.approx(by_hand, abs=1e-9)
+        assert set(w["cost"]) == {*PRESETS, "measured"}
+
+
+def test_belady_bounds_lru_at_every_capacity(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    for name, w in results["workloads"].items():
+        b = w["belady"]
+        assert b["belady_hit_ratio"] >= b["lru_sim_hit_ratio"], name
+        assert len(b["sweep"]) >= 6
+        for point in b["sweep"]:
+            assert point["belady"] >= point["lru"], (name, point)
+        if w["sizes"]["cache_tokens"] is None:  # an ample cache evicts nothing: every policy gets every hit
+            assert b["measured_hit_ratio"] == pytest.approx(b["belady_hit_ratio"]), name
+
+
+def test_the_engine_evicts_as_its_simulated_lru_does_under_pressure(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    w = results["workloads"]["pressure"]
+    b = w["belady"]
+    assert w["runs"][ENGINE_ON]["info"]["evictions"] > 0  # the working set does not fit
+    assert b["capacity_blocks"] < b["working_set_blocks"]
+    # Same capacity, same policy: the measured hits and the offline LRU replay agree to within a few points (the
+    # engine's scratch block for a partial last block costs it at most one extra eviction per request).
+    assert b["measured_hit_ratio"] == pytest.approx(b["lru_sim_hit_ratio"], abs=0.05)
+
+
+# ---- an OpenAI-compatible endpoint (our own server) ------------------------------------------------------------
+def test_endpoint_target_reads_ttft_and_cached_tokens_from_the_stream(live_server: Any) -> None:
+    workload = make_workload("chat", quick=True, users=2, turns=3)
+    run = run_endpoint(workload, live_server.url, ignore_eos=True, progress=False)
+    assert run.target == ENDPOINT
+    assert run.info["model"] == "promptcache-default"  # from GET /v1/models
+    assert len(run.records) == workload.num_requests()
+    for r in run.records:
+        assert r.cached_tokens is not None and r.prompt_tokens > 0
+        assert r.output_tokens == workload.sessions[r.session].steps[r.step].max_tokens  # ignore_eos
+        assert 0 < r.ttft_s <= r.e2e_s
+    share = previous_turn_share(run.records, block_size=16)
+    assert share is not None and share["min"] >= 0.9  # the server replays its answers token for token
+    cost = cost_comparison(run.records, None, {"default": PRESETS["default"]})["default"]
+    assert cost["saving_usd"] > 0
