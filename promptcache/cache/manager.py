@@ -66,13 +66,17 @@ class KVCacheManager:
         max_blocks = (len(token_ids) - 1) // self.block_size
         return self.pool.match(seq.hashes[:max_blocks])
 
-    def allocate_prefix(self, seq: SeqBlocks, token_ids: Sequence[int], num_tokens: int) -> int | None:
+    def allocate_prefix(
+        self, seq: SeqBlocks, token_ids: Sequence[int], num_tokens: int, hit: list[Block] | None = None
+    ) -> int | None:
         """Give a sequence with no blocks its cached prefix plus room for ``num_tokens`` more tokens after it.
 
-        Returns the number of cached tokens, or None (and changes nothing) when the pool has too few blocks.
+        ``hit`` is ``match(seq, token_ids)`` when the caller already has it. Returns the number of cached tokens,
+        or None (and changes nothing) when the pool has too few blocks.
         """
         assert not seq.blocks, "allocate_prefix is for a sequence that holds no blocks"
-        hit = self.match(seq, token_ids)
+        if hit is None:
+            hit = self.match(seq, token_ids)
         num_cached = len(hit) * self.block_size
         # Cached blocks with ref 0 count as available to the pool; taking them is not taking new room.
         idle_hits = sum(1 for b in hit if b.ref_count == 0)

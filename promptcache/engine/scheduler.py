@@ -83,9 +83,9 @@ class Scheduler:
             self.waiting = deque(ordered)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
-            cached = len(self.kv.match(req.seq, req.token_ids)) * self.kv.block_size
-            n = min(len(req.token_ids) - cached, budget)
-            got = self.kv.allocate_prefix(req.seq, req.token_ids, n)
+            hit = self.kv.match(req.seq, req.token_ids)
+            n = min(len(req.token_ids) - len(hit) * self.kv.block_size, budget)
+            got = self.kv.allocate_prefix(req.seq, req.token_ids, n, hit)
             if got is None:
                 break  # not enough blocks: wait for running requests to finish (FCFS, no overtaking)
             self.waiting.popleft()
