@@ -227,9 +227,8 @@ class LLMEngine:
             self._finish(req, "stop", stop_reason=token)
         else:
             req.text += self._detok[req.request_id].push(token)
-            if params.stop and self._check_stop_strings(req, prev_len):
-                pass
-            elif req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len:
+            stopped = bool(params.stop) and self._check_stop_strings(req, prev_len)
+            if not stopped and (req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len):
                 self._finish(req, "length")
         # NOTE: while a stop string could still complete, hold back its length - 1 characters: text once
         # streamed is never taken back, so streamed pieces always add up to the final text.
