@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.engine.request import RequestOutput
 
 
-def _print_output(i: int, out: RequestOutput, stats: dict[str, int | float]) -> None:
+def _print_output(i: int, out: RequestOutput, stats: dict[str, int | float | str]) -> None:
     m = out.metrics
     ttft = m.time_to_first_token or 0.0
     decode = m.decode_time or 0.0
@@ -67,6 +68,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=args.scheduling_policy,
+        eviction_policy=args.eviction_policy,
     ))  # fmt: skip
     name = args.served_model_name or (Path(args.model).name if args.model else "promptcache-default")
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices,
@@ -122,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-num-seqs", type=int, default=256)
     srv.add_argument("--max-num-batched-tokens", type=int, default=2048)
     srv.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "lpm"])
+    srv.add_argument("--eviction-policy", default=DEFAULT_EVICTION_POLICY, choices=list(EVICTION_POLICIES),
+                     help="which idle cached KV block is reused first: least frequently used (aged), or least "
+                          "recently used")  # fmt: skip
     srv.add_argument("--no-prefix-caching", action="store_true")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)

@@ -104,5 +104,5 @@ class LLM:
             engine.release(r.request_id)
         return outs
 
-    def cache_stats(self) -> dict[str, int | float]:
+    def cache_stats(self) -> dict[str, int | float | str]:
         return self.engine.cache_stats()

@@ -188,16 +188,23 @@ def random_requests(seed: int, n: int = 60) -> list[tuple[list[int], list[int]]]
     return out
 
 
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_lru_replays_exactly_what_the_engines_block_pool_does(seed: int) -> None:
+def test_the_simulated_policy_replays_exactly_what_the_engines_block_pool_does(seed: int, policy: str) -> None:
     # The engine's cache manager, driven as the engine drives it for requests run one at a time: match and allocate
-    # the prompt, compute it, grow through the output, register, free tail first. Its hits must equal the LRU
-    # simulation's, request by request, when the pool has no partial blocks to hold (so sizes are whole blocks).
-    requests = [(p, a) for p, a in random_requests(seed) if (len(p) + len(a) - 1) % BS == 0]
-    assert len(requests) >= 5
-    trace = block_trace(requests, BS, namespace="t")
+    # the prompt, compute it, grow through the output, register, free tail first. Its hits must equal the simulation
+    # of its policy, request by request, when the pool has no partial blocks to hold (so sizes are whole blocks).
     capacity = 12
-    kv = KVCacheManager(capacity, BS, model_fingerprint="bench", dtype="sim", enable_caching=True)
+    requests = [
+        (p, a)
+        for p, a in random_requests(seed, n=200)
+        if (len(p) + len(a) - 1) % BS == 0 and (len(p) + len(a) - 1) // BS <= capacity
+    ]
+    assert len(requests) >= 20
+    trace = block_trace(requests, BS, namespace="t")
+    kv = KVCacheManager(
+        capacity, BS, model_fingerprint="bench", dtype="sim", enable_caching=True, eviction_policy=policy
+    )
     engine_hits = []
     for prompt, answer in requests:
         seq = kv.new_seq("t")
@@ -208,35 +215,41 @@ def test_lru_replays_exactly_what_the_engines_block_pool_does(seed: int) -> None
         kv.commit(seq, tokens, len(tokens) - 1)
         kv.free(seq)
         engine_hits.append(cached)
-    assert simulate(trace, capacity, BS, "lru").per_request_hit_tokens == engine_hits
+    assert simulate(trace, capacity, BS, policy).per_request_hit_tokens == engine_hits
     assert sum(engine_hits) > 0 and kv.pool.num_evictions > 0
+    # The two policies really choose differently on this trace (the comparison above is not vacuous).
+    other = "lru" if policy == "lfu" else "lfu"
+    assert simulate(trace, capacity, BS, other).per_request_hit_tokens != engine_hits
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_belady_is_an_upper_bound_on_lru_and_the_infinite_cache_on_both(seed: int) -> None:
+def test_belady_is_an_upper_bound_on_the_engines_policies_and_the_infinite_cache_on_all(seed: int) -> None:
     trace = block_trace(random_requests(seed, n=120), BS)
     unlimited = simulate(trace, 10**9, BS, "lru").hit_tokens
     assert simulate(trace, 10**9, BS, "belady").hit_tokens == unlimited
+    assert simulate(trace, 10**9, BS, "lfu").hit_tokens == unlimited
     previous = 0
     for capacity in (1, 2, 4, 8, 16, 32, 64):
         best = simulate(trace, capacity, BS, "belady").hit_tokens
-        lru = simulate(trace, capacity, BS, "lru").hit_tokens
-        assert lru <= best <= unlimited, capacity
+        for policy in ("lfu", "lru"):
+            assert simulate(trace, capacity, BS, policy).hit_tokens <= best <= unlimited, (capacity, policy)
         assert best >= previous  # more room never hurts the optimum
         previous = best
     # With room for every block ever written, no policy evicts anything.
     everything = len({a for e in trace for a in e.writes})
-    assert simulate(trace, everything, BS, "lru").hit_tokens == unlimited
-    assert simulate(trace, everything, BS, "belady").hit_tokens == unlimited
+    for policy in ("belady", "lfu", "lru"):
+        assert simulate(trace, everything, BS, policy).hit_tokens == unlimited
 
 
-def test_lru_replays_what_the_real_engine_served() -> None:
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_the_simulation_replays_what_the_real_engine_served(policy: str) -> None:
     # The real engine on the embedded model, a 16-block cache, requests one at a time (greedy, fixed lengths):
-    # the prompt tokens it reports from the cache are, request by request, the LRU simulation's hits on the block
-    # trace of what it ran. Output lengths make prompt + output - 1 whole blocks, so no partial block takes room.
+    # the prompt tokens it reports from the cache are, request by request, the simulation's hits under its policy
+    # on the block trace of what it ran. Output lengths make prompt + output - 1 whole blocks, so no partial block
+    # takes room.
     from promptcache import LLM, SamplingParams
 
-    llm = LLM(device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16)
+    llm = LLM(device="cpu", dtype="float32", block_size=BS, num_kv_blocks=16, eviction_policy=policy)
     rng = random.Random(0)
     docs = [[rng.randrange(100, 8000) for _ in range(4 * k + 2)] for k in (3, 4, 5, 6)]
     requests, served = [], []
@@ -248,5 +261,6 @@ def test_lru_replays_what_the_real_engine_served() -> None:
         requests.append((out.prompt_token_ids, out.token_ids))
         served.append(out.num_cached_tokens)
     assert llm.cache_stats()["evictions"] > 0 and sum(served) > 0
-    assert simulate(block_trace(requests, BS), 16, BS, "lru").per_request_hit_tokens == served
+    assert llm.cache_stats()["eviction_policy"] == policy
+    assert simulate(block_trace(requests, BS), 16, BS, policy).per_request_hit_tokens == served
     assert simulate(block_trace(requests, BS), 16, BS, "belady").hit_tokens >= sum(served)

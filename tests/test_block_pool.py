@@ -11,8 +11,10 @@ from promptcache.cache.manager import KVCacheManager
 BS = 4
 
 
-def manager(num_blocks: int = 8, caching: bool = True) -> KVCacheManager:
-    return KVCacheManager(num_blocks, BS, model_fingerprint="fp", dtype="float32", enable_caching=caching)
+def manager(num_blocks: int = 8, caching: bool = True, policy: str = "lfu") -> KVCacheManager:
+    return KVCacheManager(
+        num_blocks, BS, model_fingerprint="fp", dtype="float32", enable_caching=caching, eviction_policy=policy
+    )
 
 
 def run_sequence(kv: KVCacheManager, tokens: list[int], namespace: str = "t") -> tuple[int, object]:
@@ -94,8 +96,9 @@ def test_free_blocks_are_used_before_cached_ones() -> None:
     assert kv.pool.num_evictions == 0 and kv.pool.num_cached == 2
 
 
-def test_lru_evicts_least_recent_and_chain_tail_first() -> None:
-    kv = manager(num_blocks=4)
+@pytest.mark.parametrize("policy", ["lfu", "lru"])
+def test_among_equally_used_blocks_the_least_recent_goes_first_chain_tail_first(policy: str) -> None:
+    kv = manager(num_blocks=4, policy=policy)
     run_sequence(kv, list(range(9)))  # blocks A0, A1 cached (A1 released before A0)
     run_sequence(kv, list(range(100, 109)))  # B0, B1 cached, more recent
     pool = kv.pool

@@ -2,9 +2,10 @@
 
 ``block_trace`` turns the requests a benchmark ran (prompt ids, output ids, in arrival order) into the content
 addresses the engine would look up and write; ``simulate`` replays that trace through a cache of a given capacity
-under Belady's optimal eviction (``"belady"``, which knows the future) or under least-recently-used eviction
-(``"lru"``, which mirrors the engine's ``BlockPool``). The engine's measured hit ratio divided by Belady's, at the
-same capacity, says how much of the reachable hit rate the engine's policy gets.
+under Belady's optimal eviction (``"belady"``, which knows the future) or under one of the engine's own policies,
+``"lfu"`` and ``"lru"`` (``promptcache.cache.eviction``, replayed exactly as the engine's ``BlockPool`` applies them).
+The engine's measured hit ratio divided by Belady's, at the same capacity, says how much of the reachable hit rate
+the engine's policy gets.
 
 Semantics, shared by both policies (those of the engine's prefix cache):
 
@@ -20,6 +21,9 @@ Semantics, shared by both policies (those of the engine's prefix cache):
 - ``"lru"`` evicts the least recently touched block. Within one request, blocks are touched in chain order and
   released tail first, so the request's head block ends most recent and its tail block least recent, as in the
   engine, which evicts a chain from its end.
+- ``"lfu"`` evicts the block with the smallest aged use count: each request that holds a block is one use of it,
+  recorded in release order (tail first), with the engine's half-life (``LFU_HALF_LIFE_POOLS`` x capacity uses)
+  and key (``decayed_use``); a block's count starts afresh when it is evicted, as in the engine.
 - ``"belady"`` evicts the cached block whose next occurrence in a later entry's ``reads`` is farthest away (never
   read again: infinitely far); ties go to the block deeper in its chain, then to the least recently touched, then
   to the smaller address, so results are deterministic.
@@ -41,12 +45,13 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from promptcache.cache.eviction import LFU_HALF_LIFE_POOLS, decayed_use
 from promptcache.cache.hashing import BlockHash, chain_hashes, root_hash
 
-POLICIES = ("belady", "lru")
+POLICIES = ("belady", "lfu", "lru")
 
 _NEVER = float("inf")
 
@@ -105,9 +110,9 @@ class SimResult:
 def simulate(trace: Sequence[TraceEntry], capacity_blocks: int, block_size: int, policy: str) -> SimResult:
     """Replay ``trace`` through a prefix cache of ``capacity_blocks`` blocks evicting by ``policy``.
 
-    ``policy`` is ``"belady"`` (offline optimal eviction: the block read again farthest in the future goes first)
-    or ``"lru"`` (the engine's policy); see the module docstring for the exact semantics. ``block_size`` converts
-    hit blocks to tokens.
+    ``policy`` is ``"belady"`` (offline optimal eviction: the block read again farthest in the future goes first),
+    or ``"lfu"`` or ``"lru"`` (the engine's policies); see the module docstring for the exact semantics.
+    ``block_size`` converts hit blocks to tokens.
 
     Raises:
         ValueError: an unknown policy, a negative capacity, or a block size below 1.
@@ -118,7 +123,12 @@ def simulate(trace: Sequence[TraceEntry], capacity_blocks: int, block_size: int,
         raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    cache: _Cache = _Belady(trace) if policy == "belady" else _Lru()
+    caches: dict[str, Callable[[], _Cache]] = {
+        "belady": lambda: _Belady(trace),
+        "lfu": lambda: _Lfu(capacity_blocks),
+        "lru": _Lru,
+    }
+    cache = caches[policy]()
     per_request: list[int] = []
     for t, entry in enumerate(trace):
         hit = 0
@@ -175,6 +185,32 @@ class _Lru(_Cache):
         # request's own blocks were just touched.
         for address in [a for a in self._order if a not in protected][: len(self._order) - capacity]:
             del self._order[address]
+
+
+class _Lfu(_Cache):
+    def __init__(self, capacity: int) -> None:
+        self._half_life = LFU_HALF_LIFE_POOLS * max(capacity, 1)  # the engine's pool has ``capacity`` blocks
+        self._uses = 0
+        self._seq = 0
+        self._key: dict[BlockHash, tuple[float, int]] = {}  # cached address -> (aged use count key, idle order)
+
+    def __contains__(self, address: BlockHash) -> bool:
+        return address in self._key
+
+    def admit(self, t: int, held: Sequence[BlockHash], reads: Sequence[BlockHash]) -> None:
+        for address in reversed(held):  # released tail first: one use each, then idle in this order
+            self._uses += 1
+            self._seq += 1
+            old = self._key.get(address)
+            self._key[address] = (decayed_use(old[0] if old else None, self._uses / self._half_life), self._seq)
+
+    def shrink(self, capacity: int, protected: set[BlockHash]) -> None:
+        excess = len(self._key) - capacity
+        if excess <= 0:
+            return
+        candidates = sorted((key, a) for a, key in self._key.items() if a not in protected)
+        for _, address in candidates[:excess]:
+            del self._key[address]
 
 
 class _Belady(_Cache):

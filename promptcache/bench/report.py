@@ -5,7 +5,7 @@
 ``results`` is what ``promptcache.bench.runner.run_bench`` returns. Plots (matplotlib, Agg backend):
 - ``ttft_by_turn.png``: chat, TTFT by turn with and without the cache (and transformers), beside the prompt tokens
   per turn and how many of them came from the cache;
-- ``hit_ratio_vs_belady.png``: hit ratio against KV capacity for Belady's optimum and LRU replayed offline, and the
+- ``hit_ratio_vs_belady.png``: hit ratio against KV capacity for Belady's optimum, LFU and LRU replayed offline, and the
   engine's measured point (pressure first, then the other workloads);
 - ``cost_by_component.png``: USD per 1,000 requests, stacked by input / cached input / output, caching off vs on,
   per workload, under one provider-shaped preset and under the measured-compute table.
@@ -214,8 +214,8 @@ def _belady(results: dict[str, Any]) -> list[str]:
         "## Hit ratio against Belady's optimum",
         "",
         "The caching-on run's block trace (every request's full prompt blocks usable for a hit, and every block it "
-        "computed or reused) replayed offline with Belady's optimal eviction and with LRU at the engine's capacity. "
-        + results["capacity_note"],
+        "computed or reused) replayed offline at the engine's capacity with Belady's optimal eviction and with each "
+        "of the engine's policies (LFU, aged, the default; LRU). " + results["capacity_note"],
         "",
     ]
     rows = []
@@ -224,22 +224,34 @@ def _belady(results: dict[str, Any]) -> list[str]:
         if not b:
             continue
         rows.append([
-            name, f"{b['capacity_blocks']:,}", f"{b['working_set_blocks']:,}", _pct(b["measured_hit_ratio"]),
-            _pct(b["lru_sim_hit_ratio"]), _pct(b["belady_hit_ratio"]), _pct(b["measured_over_belady"]),
+            name, b.get("engine_policy", "lru"), f"{b['capacity_blocks']:,}", f"{b['working_set_blocks']:,}",
+            _pct(b["measured_hit_ratio"]), _pct(b.get("lfu_sim_hit_ratio")), _pct(b["lru_sim_hit_ratio"]),
+            _pct(b["belady_hit_ratio"]), _pct(b["measured_over_belady"]), _pct(b.get("lfu_sim_over_belady")),
             _pct(b["lru_sim_over_belady"]),
         ])  # fmt: skip
-    header = ["workload", "capacity (blocks)", "working set (blocks)", "ours (measured)", "LRU (sim)", "Belady",
-              "ours / Belady", "LRU / Belady"]  # fmt: skip
+    header = ["workload", "policy", "capacity (blocks)", "working set (blocks)", "ours (measured)", "LFU (sim)",
+              "LRU (sim)", "Belady", "ours / Belady", "LFU / Belady", "LRU / Belady"]  # fmt: skip
     lines += _table(header, rows) + [""]
     pressure = results["workloads"].get("pressure", {}).get("belady")
     if pressure:
         target = pressure["measured_over_belady"]
         verdict = "meets" if target is not None and target >= 0.9 else "misses"
         lines += [f"Under `pressure` our hit ratio is {_pct(target)} of Belady's bound ({verdict} the 90% target).", ""]
-        rows = [[f"{s['capacity_blocks']:,}", _x(s["fraction_of_working_set"]), _pct(s["lru"]), _pct(s["belady"]),
+        steady = pressure.get("steady_state")
+        if steady:
+            lines += [
+                f"Over the second half of its requests ({steady['requests']}), once the cache has seen some of the "
+                f"workload, it is {_pct(steady['measured_over_belady'])} of Belady's hits over the same requests "
+                f"(LFU simulated: {_pct(steady.get('lfu_sim_over_belady'))}, LRU simulated: "
+                f"{_pct(steady.get('lru_sim_over_belady'))}).",
+                "",
+            ]
+        rows = [[f"{s['capacity_blocks']:,}", _x(s["fraction_of_working_set"]), _pct(s.get("lfu")), _pct(s["lru"]),
+                 _pct(s["belady"]), _pct(s["lfu"] / s["belady"] if s.get("lfu") is not None and s["belady"] else None),
                  _pct(s["lru"] / s["belady"] if s["belady"] else None)] for s in pressure["sweep"]]  # fmt: skip
         lines += ["pressure: capacity sweep (offline)", ""]
-        lines += _table(["capacity (blocks)", "of working set", "LRU", "Belady", "LRU / Belady"], rows) + [""]
+        header = ["capacity (blocks)", "of working set", "LFU", "LRU", "Belady", "LFU / Belady", "LRU / Belady"]
+        lines += _table(header, rows) + [""]
     return lines
 
 
@@ -399,9 +411,12 @@ def plot_hit_ratio_vs_belady(results: dict[str, Any], path: Path) -> bool:
         ws = b["working_set_blocks"] or 1
         xs = [s["capacity_blocks"] / ws for s in b["sweep"]]
         ax.plot(xs, [s["belady"] for s in b["sweep"]], "-o", color="tab:blue", label="Belady (optimal, offline)")
+        if all("lfu" in s for s in b["sweep"]):
+            ax.plot(xs, [s["lfu"] for s in b["sweep"]], "-^", color="tab:purple", label="LFU, aged (offline)")
         ax.plot(xs, [s["lru"] for s in b["sweep"]], "--s", color="tab:orange", label="LRU (offline)")
         ax.plot([b["capacity_blocks"] / ws], [b["measured_hit_ratio"]], "*", color="tab:green", markersize=16,
-                label=f"promptcache, measured ({_pct(b['measured_over_belady'], 0)} of Belady)")  # fmt: skip
+                label=f"promptcache ({b.get('engine_policy', 'lru').upper()}), measured "
+                      f"({_pct(b['measured_over_belady'], 0)} of Belady)")  # fmt: skip
         ax.axvline(1.0, color="gray", linestyle=":", label=f"working set ({ws:,} blocks)")
         # Capacities span 0.25x to many times the working set: a log scale keeps every point apart.
         ax.set_xscale("log", base=2)

@@ -17,7 +17,8 @@ Targets (one request at a time, in the workload's arrival order, so TTFT is neve
 - ``endpoint``: any OpenAI-compatible server (``--endpoint URL``), streamed with ``include_usage``; TTFT is the first
   chunk with content, cached tokens come from ``usage.prompt_tokens_details`` when the server reports them.
 
-Then: Belady's optimal eviction and LRU replayed offline on the caching-on run's block trace (``belady.py``), and
+Then: Belady's optimal eviction and the engine's policies (LFU, LRU) replayed offline on the caching-on run's block
+trace (``belady.py``), and
 prices (``promptcache.pricing.PRESETS`` plus a table proportional to the compute measured by ``calibrate.py``).
 ``report.py`` writes results.json, summary.md and the plots.
 """
@@ -43,6 +44,7 @@ from typing import Any
 from promptcache.bench.belady import block_trace, simulate
 from promptcache.bench.workloads import WORKLOADS, Workload, make_workload, request_messages
 from promptcache.bench.workloads import workload_sizes as workload_parameters
+from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.engine.request import SamplingParams
 from promptcache.pricing import PRESETS, PriceTable, Pricing, TokenUsage
 
@@ -52,6 +54,8 @@ DEFAULT_MODEL_NAME = "promptcache-default"
 MEASURED = "measured"  # the name of the measured-compute price table among the presets
 # Capacities of the offline sweep, as fractions of the workload's working set (distinct blocks it ever writes).
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+ENGINE_POLICIES = tuple(sorted(EVICTION_POLICIES))  # replayed offline beside Belady: "lfu", "lru"
+SIM_POLICIES = ("belady", *ENGINE_POLICIES)
 PLOT_PRESET = "default"  # the provider-shaped preset drawn beside the measured table in the cost plot
 AMPLE_KV_BYTES = 2 << 30  # the most KV memory an "ample" cache may take
 CAPACITY_NOTE = (
@@ -221,46 +225,65 @@ def cost_comparison(
 
 
 # ---- Belady's bound -------------------------------------------------------------------------------------------
-def belady_analysis(records: Sequence[Record], capacity_blocks: int, block_size: int) -> dict[str, Any]:
-    """Our measured hit ratio against Belady's optimal eviction (and LRU) replayed on the same block trace, at the
-    capacity the engine had and over a sweep of capacities around the working set."""
+def belady_analysis(
+    records: Sequence[Record], capacity_blocks: int, block_size: int, policy: str = DEFAULT_EVICTION_POLICY
+) -> dict[str, Any]:
+    """Our measured hit ratio against Belady's optimal eviction and the engine's policies (LFU, LRU) replayed on the
+    same block trace, at the capacity the engine had and over a sweep of capacities around the working set.
+
+    ``policy`` is the eviction policy the engine ran with; ``steady_state`` repeats the comparison over the second
+    half of the requests only, when a policy that learns from past requests has seen some (the first requests of
+    any trace miss under every policy, and Belady's bound knows the whole future from the first one on).
+    """
     trace = block_trace([(r.prompt_ids or [], r.output_ids or []) for r in records], block_size)
     working_set = len({h for e in trace for h in e.writes})
     largest = max((len(e.writes) + 1 for e in trace), default=1)  # one request must fit, with its scratch block
     prompt = sum(r.prompt_tokens for r in records)
     measured = sum(r.cached_tokens or 0 for r in records) / prompt if prompt else 0.0
-    at = {p: simulate(trace, capacity_blocks, block_size, p) for p in ("belady", "lru")}
+    at = {p: simulate(trace, capacity_blocks, block_size, p) for p in SIM_POLICIES}
     capacities = {max(largest, round(working_set * f)) for f in SWEEP_FRACTIONS}
     capacities.add(capacity_blocks)  # the engine's own point, however ample, so the curves reach it
     sweep = []
     for cap in sorted(capacities):
-        sims = {p: simulate(trace, cap, block_size, p) for p in ("belady", "lru")}
+        sims = {p: simulate(trace, cap, block_size, p) for p in SIM_POLICIES}
         sweep.append(
             {
                 "capacity_blocks": cap,
                 "fraction_of_working_set": cap / working_set if working_set else None,
-                "belady": sims["belady"].hit_ratio,
-                "lru": sims["lru"].hit_ratio,
+                **{p: sims[p].hit_ratio for p in SIM_POLICIES},
             }
         )
-    bel, lru = at["belady"].hit_ratio, at["lru"].hit_ratio
+    bel = at["belady"].hit_ratio
+    half = len(records) // 2
+    late_measured = sum(r.cached_tokens or 0 for r in records[half:])
+    late_belady = sum(at["belady"].per_request_hit_tokens[half:])
     return {
         "capacity_blocks": capacity_blocks,
         "capacity_tokens": capacity_blocks * block_size,
         "working_set_blocks": working_set,
         "requests": len(trace),
+        "engine_policy": policy,
         "measured_hit_ratio": measured,
         "belady_hit_ratio": bel,
-        "lru_sim_hit_ratio": lru,
+        **{f"{p}_sim_hit_ratio": at[p].hit_ratio for p in ENGINE_POLICIES},
         "measured_over_belady": _ratio(measured, bel),
-        "lru_sim_over_belady": _ratio(lru, bel),
-        "measured_over_lru_sim": _ratio(measured, lru),
+        **{f"{p}_sim_over_belady": _ratio(at[p].hit_ratio, bel) for p in ENGINE_POLICIES},
+        "measured_over_policy_sim": _ratio(measured, at[policy].hit_ratio),
+        "steady_state": {
+            "requests": f"{half + 1}-{len(records)}",
+            "measured_hit_tokens": late_measured,
+            "belady_hit_tokens": late_belady,
+            "measured_over_belady": _ratio(late_measured, late_belady),
+            **{
+                f"{p}_sim_over_belady": _ratio(sum(at[p].per_request_hit_tokens[half:]), late_belady)
+                for p in ENGINE_POLICIES
+            },
+        },
         "sweep": sweep,
         "capacity_note": CAPACITY_NOTE,
     }
 
 
-# ---- targets --------------------------------------------------------------------------------------------------
 def _progress(total: int, desc: str, enabled: bool) -> Any:
     from tqdm import tqdm
 
@@ -309,6 +332,7 @@ class EngineArgs:
     dtype: str = "float32"
     block_size: int = 16
     seed: int = 0
+    eviction_policy: str = DEFAULT_EVICTION_POLICY
 
 
 class _EngineSide:
@@ -324,6 +348,7 @@ class _EngineSide:
             block_size=args.block_size,
             num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_caching,
+            eviction_policy=args.eviction_policy,
             seed=args.seed,
         )
         # Warm the kernels on a prompt shorter than a block: nothing is cached, so the measured runs start cold.
@@ -663,7 +688,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     notes: list[str] = []
-    engine_args = EngineArgs(device=args.device, dtype=args.dtype, block_size=args.block_size, seed=args.seed)
+    engine_args = EngineArgs(device=args.device, dtype=args.dtype, block_size=args.block_size, seed=args.seed,
+                             eviction_policy=args.eviction_policy)  # fmt: skip
     measured, calibration = measured_prices(args, notes)
     pricings: dict[str, Pricing] = dict(PRESETS)
     if measured is not None:
@@ -672,8 +698,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         targets = [ENDPOINT]
         notes.append(
             "--endpoint: only the endpoint runs. It returns no token ids and its cache capacity is unknown, so the "
-            "Belady / LRU simulation and the hit-ratio plot are skipped; its 'caching off' cost is its own tokens "
-            "priced with no cache reads."
+            "Belady / LFU / LRU simulation and the hit-ratio plot are skipped; its 'caching off' cost is its own "
+            "tokens priced with no cache reads."
         )
     else:
         targets = [ENGINE_ON, ENGINE_OFF] + ([] if args.no_transformers else [TRANSFORMERS])
@@ -727,7 +753,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
                     entry["runs"][ENGINE_ON]["figures"]["ttft_p50_s"],
                 )
             entry["belady"] = belady_analysis(
-                runs[ENGINE_ON].records, runs[ENGINE_ON].info["num_kv_blocks"], args.block_size
+                runs[ENGINE_ON].records, runs[ENGINE_ON].info["num_kv_blocks"], args.block_size, args.eviction_policy
             )
         off = runs[ENGINE_OFF].records if ENGINE_OFF in runs else None
         entry["cost"] = cost_comparison(primary.records, off, pricings)
@@ -763,6 +789,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         "default: calibrate now")  # fmt: skip
     parser.add_argument("--no-calibrate", action="store_true", help="no measured-compute pricing, presets only")
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--eviction-policy", default=DEFAULT_EVICTION_POLICY, choices=list(EVICTION_POLICIES),
+                        help="the engine's eviction policy (both are replayed offline beside Belady's)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

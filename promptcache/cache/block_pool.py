@@ -1,10 +1,10 @@
-"""The pool of KV blocks: reference counts, the content-address index, and lazy O(1) LRU eviction.
+"""The pool of KV blocks: reference counts, the content-address index, and eviction (LFU or LRU, ``eviction.py``).
 
 This module knows nothing of tensors: a block is an index into the KV tensor that the runner owns.
 
 Every block is in exactly one of three states (NOTE: invariant, see ``check_integrity``):
 - free:     ref_count == 0, not registered; in ``_free`` (reused first, nothing is lost by taking it);
-- cached:   ref_count == 0, registered under its hash; in ``_evictable`` in LRU order, oldest first;
+- cached:   ref_count == 0, registered under its hash; in ``_evictable``, the eviction policy's order;
 - in use:   ref_count > 0 (it may also be registered, and then other requests can share it).
 Pinned blocks (explicit cache breakpoints with a TTL) are cached blocks that are held out of ``_evictable`` until
 their pin expires.
@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, make_evictor
 from promptcache.cache.hashing import BlockHash, block_hash
 
 
@@ -31,10 +32,11 @@ class Block:
     token_ids: tuple[int, ...] | None = None  # kept for the integrity check and for explaining misses
     pinned_until: float = 0.0
     pin_ttl: float = 0.0  # the TTL of the latest pin: a hit on a pinned block renews it for this long
+    use_key: float | None = None  # the eviction policy's record of the block's uses (LFU); None when not cached
 
 
 class BlockPool:
-    """Owns the blocks of one KV cache; hands them out, shares registered ones, evicts the least recently used."""
+    """Owns the blocks of one KV cache; hands them out, shares registered ones, evicts by ``eviction_policy``."""
 
     def __init__(
         self,
@@ -42,6 +44,7 @@ class BlockPool:
         enable_caching: bool = True,
         clock: Callable[[], float] = time.monotonic,
         max_pinned_fraction: float = 0.5,
+        eviction_policy: str = DEFAULT_EVICTION_POLICY,
     ):
         if num_blocks < 1:
             raise ValueError(f"the KV cache needs at least one block, got {num_blocks}")
@@ -49,7 +52,8 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: deque[Block] = deque(self.blocks)
-        self._evictable: OrderedDict[int, Block] = OrderedDict()
+        self.eviction_policy = eviction_policy
+        self._evictable = make_evictor(eviction_policy, num_blocks)
         self._pinned: dict[int, Block] = {}  # cached (ref 0) blocks held by an unexpired pin
         self._pins: dict[int, Block] = {}  # every block with a pin (expired ones are purged lazily)
         self._index: dict[BlockHash, Block] = {}
@@ -118,12 +122,12 @@ class BlockPool:
         """Take a reference on blocks found by ``match`` (a cached block leaves the eviction list)."""
         for blk in blocks:
             if blk.ref_count == 0:
-                self._evictable.pop(blk.block_id, None)
+                self._evictable.discard(blk)
                 self._pinned.pop(blk.block_id, None)
             blk.ref_count += 1
 
     def allocate(self, n: int) -> list[Block]:
-        """``n`` blocks with ref_count 1; free blocks first, then the least recently used cached ones.
+        """``n`` blocks with ref_count 1; free blocks first, then cached ones in the eviction policy's order.
 
         Raises MemoryError when fewer than ``n`` are available; callers check ``num_available`` first.
         """
@@ -134,7 +138,7 @@ class BlockPool:
             if self._free:
                 blk = self._free.popleft()
             else:
-                _, blk = self._evictable.popitem(last=False)
+                blk = self._evictable.pop()
                 self._unregister(blk, evicted=True)
                 self.num_evictions += 1
             blk.ref_count = 1
@@ -144,21 +148,24 @@ class BlockPool:
     def release(self, blocks: Iterable[Block]) -> None:
         """Drop a reference on each block, in the order given.
 
-        Callers release a sequence's blocks tail first, so that the end of a chain is evicted before its head
-        (a head block is shared by more futures than its tail).
+        Each release of a registered block is one use of it for the eviction policy. Callers release a sequence's
+        blocks tail first, so that the end of a chain is evicted before its head (a head block is shared by more
+        futures than its tail).
         """
         now = self._clock()
         for blk in blocks:
             if blk.ref_count <= 0:
                 raise RuntimeError(f"block {blk.block_id} released more often than acquired")
             blk.ref_count -= 1
+            if blk.block_hash is not None:
+                self._evictable.record_use(blk)
             if blk.ref_count == 0:
                 if blk.block_hash is None:
                     self._free.append(blk)
                 elif blk.pinned_until > now:
                     self._pinned[blk.block_id] = blk
                 else:
-                    self._evictable[blk.block_id] = blk
+                    self._evictable.add(blk)
 
     # ---- registration ---------------------------------------------------------------------------------------
     def register(self, blk: Block, parent: BlockHash, token_ids: tuple[int, ...], h: BlockHash) -> Block:
@@ -186,6 +193,7 @@ class BlockPool:
                     self.recently_evicted.popitem(last=False)
         blk.block_hash = blk.parent_hash = blk.token_ids = None
         blk.pinned_until = blk.pin_ttl = 0.0
+        self._evictable.forget(blk)
         self._pins.pop(blk.block_id, None)
 
     # ---- pins (explicit cache breakpoints with a TTL) -------------------------------------------------------
@@ -215,7 +223,7 @@ class BlockPool:
             blk.pinned_until = max(blk.pinned_until, until)
             blk.pin_ttl = max(blk.pin_ttl, until - now)
             self._pins[blk.block_id] = blk
-            if blk.ref_count == 0 and self._evictable.pop(blk.block_id, None) is not None:
+            if blk.ref_count == 0 and self._evictable.discard(blk):
                 self._pinned[blk.block_id] = blk
             done += 1
         return done
@@ -225,11 +233,11 @@ class BlockPool:
             return
         now = self._clock()
         for bid in [bid for bid, blk in self._pinned.items() if blk.pinned_until <= now]:
-            self._evictable[bid] = self._pinned.pop(bid)
+            self._evictable.add(self._pinned.pop(bid))
 
     def reset(self) -> int:
         """Forget every cached block no request uses (pins included); returns how many were dropped."""
-        dropped = list(self._evictable.values()) + list(self._pinned.values())
+        dropped = list(self._evictable) + list(self._pinned.values())
         self._evictable.clear()
         self._pinned.clear()
         for blk in dropped:
@@ -244,7 +252,8 @@ class BlockPool:
     def check_integrity(self) -> None:
         """Raise AssertionError if any invariant of the pool is broken (used by tests and debug runs)."""
         free_ids = {b.block_id for b in self._free}
-        evict_ids = set(self._evictable)
+        evict_ids = {b.block_id for b in self._evictable}
+        assert len(evict_ids) == len(self._evictable), "the eviction order lost count of its blocks"
         pinned_ids = set(self._pinned)
         assert len(free_ids) == len(self._free), "a block is twice in the free list"
         assert not (free_ids & evict_ids) and not (free_ids & pinned_ids) and not (evict_ids & pinned_ids)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from promptcache.cache.block_pool import Block, BlockPool
+from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY
 from promptcache.cache.hashing import BlockHash, block_hash, root_hash
 
 
@@ -29,9 +30,17 @@ class SeqBlocks:
 class KVCacheManager:
     """Owns a ``BlockPool`` and applies it to sequences of token ids."""
 
-    def __init__(self, num_blocks: int, block_size: int, model_fingerprint: str, dtype: str, enable_caching: bool):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        model_fingerprint: str,
+        dtype: str,
+        enable_caching: bool,
+        eviction_policy: str = DEFAULT_EVICTION_POLICY,
+    ):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks, enable_caching=enable_caching)
+        self.pool = BlockPool(num_blocks, enable_caching=enable_caching, eviction_policy=eviction_policy)
         self._fingerprint = model_fingerprint
         self._dtype = dtype
         # Counters for metrics: prompt tokens looked up, and those found.
@@ -152,7 +161,7 @@ class KVCacheManager:
         if n < usable:
             h = seq.hashes[n]
             why = (
-                "this block was cached but has been evicted (least recently used) to make room"
+                f"this block was cached but has been evicted ({self.pool.eviction_policy} eviction) to make room"
                 if h in self.pool.recently_evicted
                 else "no cached block continues the prefix here: these tokens differ from everything cached in "
                 "this namespace (new content, or an earlier change upstream of this point)"

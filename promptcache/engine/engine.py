@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.cache.manager import KVCacheManager
 from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ModelRunner
@@ -38,6 +39,7 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     scheduling_policy: str = "fcfs"
+    eviction_policy: str = DEFAULT_EVICTION_POLICY  # which idle cached block goes first: "lfu" or "lru"
     seed: int | None = 0
 
     def __post_init__(self) -> None:
@@ -48,6 +50,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}")
+        if self.eviction_policy not in EVICTION_POLICIES:
+            raise ValueError(f"eviction policy must be one of {EVICTION_POLICIES}, got {self.eviction_policy!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
 
@@ -82,7 +86,12 @@ class LLMEngine:
         self.fingerprint = model_fingerprint(self.model_path)
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(
-            num_blocks, cfg.block_size, self.fingerprint, str(self.dtype), cfg.enable_prefix_caching
+            num_blocks,
+            cfg.block_size,
+            self.fingerprint,
+            str(self.dtype),
+            cfg.enable_prefix_caching,
+            cfg.eviction_policy,
         )
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype, self.device)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
@@ -308,7 +317,7 @@ class LLMEngine:
             del self.requests[request_id]
 
     # ---- introspection --------------------------------------------------------------------------------------
-    def cache_stats(self) -> dict[str, int | float]:
+    def cache_stats(self) -> dict[str, int | float | str]:
         pool = self.kv.pool
         return {
             "block_size": self.kv.block_size,
@@ -319,6 +328,7 @@ class LLMEngine:
             "blocks_pinned": pool.num_pinned,
             "registered_blocks": pool.num_registered,
             "evictions": pool.num_evictions,
+            "eviction_policy": pool.eviction_policy,
             "query_tokens": self.kv.query_tokens,
             "hit_tokens": self.kv.hit_tokens,
             "hit_rate": self.kv.hit_tokens / self.kv.query_tokens if self.kv.query_tokens else 0.0,
