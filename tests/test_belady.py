@@ -147,6 +147,24 @@ def test_block_trace_chains_like_the_engine_and_caps_reads() -> None:
     assert len(longer.writes) == 4 and longer.writes[:3] == entry.writes
 
 
+def test_the_popularity_oracle_keeps_the_most_read_block() -> None:
+    # A, B, C, A, A, B with room for 2; over the whole trace A is read 3 times, B twice, C once.
+    # Oracle: at C, evict B (fewer reads in all than A) -> {A,C}; A, A hit; B misses.   hits 0,0,0,1,1,0
+    # LRU: at C, evict A (least recent) -> {B,C}; A misses (evicts B); A hits; B misses. hits 0,0,0,0,1,0
+    trace = [req("A"), req("B"), req("C"), req("A"), req("A"), req("B")]
+    assert hits(trace, 2, "popularity-oracle") == [0, 0, 0, 1, 1, 0]
+    assert hits(trace, 2, "lru") == [0, 0, 0, 0, 1, 0]
+
+
+def test_perfect_lfu_remembers_uses_across_evictions_where_lfu_starts_afresh() -> None:
+    # Room for 2. A is used twice, then evicted by the two-block request XY; X is used again (2 uses).
+    # A returns: LFU counts it once (its uses left with it), perfect LFU three times. E then needs room:
+    # LFU evicts A (1 use < X's 2), perfect LFU evicts X (2 < 3). So A's last request hits only under perfect LFU.
+    trace = [req("A"), req("A"), req("B"), req("C"), req("X", "Y"), req("X"), req("A"), req("E"), req("A")]
+    assert hits(trace, 2, "lfu") == [0, 1, 0, 0, 0, 1, 0, 0, 0]
+    assert hits(trace, 2, "perfect-lfu") == [0, 1, 0, 0, 0, 1, 0, 0, 1]
+
+
 def test_equal_prefixes_give_equal_leading_addresses_and_namespaces_never_meet() -> None:
     shared = list(range(8))
     a, b = block_trace([(shared + [50, 51, 52, 53, 54], [1]), (shared + [60, 61, 62, 63, 64], [1])], BS)
@@ -231,7 +249,7 @@ def test_belady_is_an_upper_bound_on_the_engines_policies_and_the_infinite_cache
     previous = 0
     for capacity in (1, 2, 4, 8, 16, 32, 64):
         best = simulate(trace, capacity, BS, "belady").hit_tokens
-        for policy in ("lfu", "lru"):
+        for policy in ("lfu", "lru", "perfect-lfu", "popularity-oracle"):
             assert simulate(trace, capacity, BS, policy).hit_tokens <= best <= unlimited, (capacity, policy)
         assert best >= previous  # more room never hurts the optimum
         previous = best

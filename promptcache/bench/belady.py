@@ -52,6 +52,11 @@ from promptcache.cache.eviction import LFU_HALF_LIFE_POOLS, decayed_use
 from promptcache.cache.hashing import BlockHash, chain_hashes, root_hash
 
 POLICIES = ("belady", "lfu", "lru")
+# Not policies the engine could run: references for studying eviction (``policy_study.py``). "perfect-lfu" counts
+# every request that used a block since the trace began, evicted or not (the full-history frequency estimate, the
+# best a policy can learn of popularity from the past when requests are independent draws); "popularity-oracle"
+# knows how many requests in the whole trace read each block (hindsight popularity, no timing).
+REFERENCE_POLICIES = ("perfect-lfu", "popularity-oracle")
 
 _NEVER = float("inf")
 
@@ -107,26 +112,38 @@ class SimResult:
         return self.hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
 
 
-def simulate(trace: Sequence[TraceEntry], capacity_blocks: int, block_size: int, policy: str) -> SimResult:
+def simulate(
+    trace: Sequence[TraceEntry],
+    capacity_blocks: int,
+    block_size: int,
+    policy: str,
+    lfu_half_life_pools: float = LFU_HALF_LIFE_POOLS,
+) -> SimResult:
     """Replay ``trace`` through a prefix cache of ``capacity_blocks`` blocks evicting by ``policy``.
 
     ``policy`` is ``"belady"`` (offline optimal eviction: the block read again farthest in the future goes first),
-    or ``"lfu"`` or ``"lru"`` (the engine's policies); see the module docstring for the exact semantics.
-    ``block_size`` converts hit blocks to tokens.
+    or ``"lfu"`` or ``"lru"`` (the engine's policies), or one of ``REFERENCE_POLICIES``; see the module docstring
+    for the exact semantics.
+    ``block_size`` converts hit blocks to tokens. ``lfu_half_life_pools`` sets ``"lfu"``'s half-life in uses per
+    block of capacity (the engine's is ``LFU_HALF_LIFE_POOLS``); other values are for studying the policy.
 
     Raises:
         ValueError: an unknown policy, a negative capacity, or a block size below 1.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if policy not in POLICIES + REFERENCE_POLICIES:
+        raise ValueError(
+            f"unknown eviction policy {policy!r}; choose one of {', '.join(POLICIES + REFERENCE_POLICIES)}"
+        )
     if capacity_blocks < 0:
         raise ValueError(f"capacity_blocks must be >= 0, got {capacity_blocks}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     caches: dict[str, Callable[[], _Cache]] = {
         "belady": lambda: _Belady(trace),
-        "lfu": lambda: _Lfu(capacity_blocks),
+        "lfu": lambda: _Lfu(capacity_blocks, lfu_half_life_pools),
         "lru": _Lru,
+        "perfect-lfu": _PerfectLfu,
+        "popularity-oracle": lambda: _PopularityOracle(trace),
     }
     cache = caches[policy]()
     per_request: list[int] = []
@@ -187,30 +204,65 @@ class _Lru(_Cache):
             del self._order[address]
 
 
-class _Lfu(_Cache):
-    def __init__(self, capacity: int) -> None:
-        self._half_life = LFU_HALF_LIFE_POOLS * max(capacity, 1)  # the engine's pool has ``capacity`` blocks
-        self._uses = 0
+class _Ranked(_Cache):
+    """Evicts the cached block of lowest rank; a request's blocks are touched in release order (tail first)."""
+
+    def __init__(self) -> None:
         self._seq = 0
-        self._key: dict[BlockHash, tuple[float, int]] = {}  # cached address -> (aged use count key, idle order)
+        self._rank: dict[BlockHash, tuple[float, int]] = {}  # cached address -> (score, touch order)
 
     def __contains__(self, address: BlockHash) -> bool:
-        return address in self._key
+        return address in self._rank
+
+    def score(self, address: BlockHash, old: float | None) -> float:
+        """The address's score after one more use (``old``: its score if cached, else None)."""
+        raise NotImplementedError
 
     def admit(self, t: int, held: Sequence[BlockHash], reads: Sequence[BlockHash]) -> None:
-        for address in reversed(held):  # released tail first: one use each, then idle in this order
-            self._uses += 1
+        for address in reversed(held):
             self._seq += 1
-            old = self._key.get(address)
-            self._key[address] = (decayed_use(old[0] if old else None, self._uses / self._half_life), self._seq)
+            old = self._rank.get(address)
+            self._rank[address] = (self.score(address, old[0] if old else None), self._seq)
 
     def shrink(self, capacity: int, protected: set[BlockHash]) -> None:
-        excess = len(self._key) - capacity
+        excess = len(self._rank) - capacity
         if excess <= 0:
             return
-        candidates = sorted((key, a) for a, key in self._key.items() if a not in protected)
-        for _, address in candidates[:excess]:
-            del self._key[address]
+        for _, address in sorted((r, a) for a, r in self._rank.items() if a not in protected)[:excess]:
+            del self._rank[address]
+
+
+class _Lfu(_Ranked):
+    def __init__(self, capacity: int, half_life_pools: float) -> None:
+        super().__init__()
+        self._half_life = half_life_pools * max(capacity, 1)  # the engine's pool has ``capacity`` blocks
+        self._uses = 0
+
+    def score(self, address: BlockHash, old: float | None) -> float:
+        self._uses += 1
+        return decayed_use(old, self._uses / self._half_life)
+
+
+class _PerfectLfu(_Ranked):
+    def __init__(self) -> None:
+        super().__init__()
+        self._uses: dict[BlockHash, int] = {}
+
+    def score(self, address: BlockHash, old: float | None) -> float:
+        self._uses[address] = self._uses.get(address, 0) + 1
+        return self._uses[address]
+
+
+class _PopularityOracle(_Ranked):
+    def __init__(self, trace: Sequence[TraceEntry]) -> None:
+        super().__init__()
+        self._reads: dict[BlockHash, int] = {}
+        for entry in trace:
+            for address in dict.fromkeys(entry.reads):
+                self._reads[address] = self._reads.get(address, 0) + 1
+
+    def score(self, address: BlockHash, old: float | None) -> float:
+        return self._reads.get(address, 0)
 
 
 class _Belady(_Cache):
