@@ -16,6 +16,8 @@ from promptcache.bench.runner import (
     Record,
     cost_comparison,
     main,
+    parse_args,
+    parse_sizes,
     percentile,
     previous_turn_share,
     price_run,
@@ -100,11 +102,49 @@ def test_previous_turn_share_counts_the_previous_prompt_and_answer() -> None:
 
 
 # ---- the end-to-end quick run ----------------------------------------------------------------------------------
+# ---- --size ----------------------------------------------------------------------------------------------------
+def test_a_bare_size_applies_to_every_selected_workload_that_has_it() -> None:
+    sizes = parse_sizes(["requests=50", "users=3", "max_tokens=4"], list(WORKLOADS), quick=True)
+    assert sizes["pressure"] == {"requests": 50, "max_tokens": 4}
+    assert sizes["chat"] == {"users": 3, "max_tokens": 4}
+    assert sizes["agent"] == {"max_tokens": 4}
+
+
+def test_a_workload_qualified_size_applies_to_that_workload_only() -> None:
+    sizes = parse_sizes(["documents.documents=3", "pressure.cache_tokens=4096"], list(WORKLOADS), quick=False)
+    assert sizes["documents"] == {"documents": 3} and sizes["pressure"] == {"cache_tokens": 4096}
+    assert sizes["chat"] == {}
+
+
+@pytest.mark.parametrize(
+    ("items", "selected", "message"),
+    [
+        (["bogus=1"], list(WORKLOADS), "no selected workload has a size 'bogus'"),
+        (["users"], list(WORKLOADS), "KEY=N"),
+        (["chat.users=many"], list(WORKLOADS), "not an integer"),
+        (["pressure.tools=2"], list(WORKLOADS), "has no size 'tools'"),
+        (["users=0"], ["chat"], "must be >= 1"),
+        (["chat.users=3"], ["pressure"], "not selected"),
+    ],
+)
+def test_bad_sizes_are_refused_with_the_reason(items: list[str], selected: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_sizes(items, selected, quick=True)
+
+
+def test_the_command_line_refuses_a_bad_size_before_running_anything(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--workload", "chat", "--size", "requests=5"])
+    assert exc.value.code == 2 and "no selected workload has a size 'requests'" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    """`promptcache bench --workload all --quick`: every workload, every target, a quick calibration."""
+    """`promptcache bench --workload all --quick`: every workload, every target, a quick calibration (and one size
+    set on the command line)."""
     out = tmp_path_factory.mktemp("bench")
-    assert main(["--workload", "all", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["--workload", "all", "--quick", "--size", "pressure.requests=44", "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -117,7 +157,13 @@ def test_quick_run_writes_json_markdown_and_three_png_plots(quick_run: tuple[Pat
         assert len(data) > 5_000, f"{name} is only {len(data)} bytes"
         assert f"]({name})" in summary  # the summary shows it
     assert list(results["workloads"]) == list(WORKLOADS)
-    assert results["command"] == "promptcache bench --workload all --quick --out " + str(out) + " --no-progress"
+    assert results["command"] == (
+        "promptcache bench --workload all --quick --size pressure.requests=44 --out " + str(out) + " --no-progress"
+    )
+    pressure = results["workloads"]["pressure"]["sizes"]
+    assert pressure["overrides"] == {"requests": 44} and pressure["requests"] == 44
+    assert pressure["parameters"]["requests"] == 44
+    assert results["workloads"]["chat"]["sizes"]["overrides"] == {}
     assert results["machine"]["cpu_count"] >= 1 and results["machine"]["memory_gib"] > 0
     assert {"python", "torch", "transformers", "promptcache"} <= set(results["versions"])
     assert results["seed"] == 0 and results["quick"] is True
@@ -132,7 +178,7 @@ def test_every_target_runs_the_same_requests(quick_run: tuple[Path, dict[str, An
     for name, w in results["workloads"].items():
         runs = w["runs"]
         assert set(runs) == {ENGINE_ON, ENGINE_OFF, TRANSFORMERS}
-        expected = make_workload(name, quick=True).num_requests()
+        expected = make_workload(name, quick=True, **w["sizes"]["overrides"]).num_requests()
         for target, run in runs.items():
             recs = run["records"]
             assert len(recs) == expected, (name, target)

@@ -639,11 +639,12 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def workload_facts(workload: Workload, quick: bool) -> dict[str, Any]:
+def workload_facts(workload: Workload, quick: bool, overrides: dict[str, int] | None = None) -> dict[str, Any]:
     """The sizes the workload was built with, and what came out: sessions, requests, capacity."""
     steps = [len(s.steps) for s in workload.sessions]
     return {
-        "parameters": workload_parameters(workload.name, quick),
+        "parameters": workload_parameters(workload.name, quick, **(overrides or {})),
+        "overrides": dict(overrides or {}),
         "sessions": len(workload.sessions),
         "requests": workload.num_requests(),
         "max_steps_per_session": max(steps, default=0),
@@ -723,8 +724,12 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "notes": notes,
     }
     for name in names:
-        workload = make_workload(name, quick=args.quick, seed=args.seed)
-        entry: dict[str, Any] = {"description": workload.description, "sizes": workload_facts(workload, args.quick)}
+        overrides = args.sizes.get(name, {})
+        workload = make_workload(name, quick=args.quick, seed=args.seed, **overrides)
+        entry: dict[str, Any] = {
+            "description": workload.description,
+            "sizes": workload_facts(workload, args.quick, overrides),
+        }
         runs: dict[str, RunResult] = {}
         t0 = time.perf_counter()
         if args.endpoint:
@@ -768,12 +773,44 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
     return results
 
 
+def parse_sizes(items: Sequence[str], names: Sequence[str], quick: bool) -> dict[str, dict[str, int]]:
+    """``--size`` items as per-workload overrides: ``KEY=N`` sets size KEY of every selected workload that has it,
+    ``WORKLOAD.KEY=N`` only that workload's.
+
+    Raises:
+        ValueError: malformed items, a size no selected workload has, or a value ``workload_sizes`` refuses.
+    """
+    sizes: dict[str, dict[str, int]] = {name: {} for name in names}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--size takes KEY=N or WORKLOAD.KEY=N, got {item!r}")
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"--size {key}: {value!r} is not an integer") from None
+        workload, dot, size = key.rpartition(".")
+        if dot and workload not in names:
+            raise ValueError(f"--size {item}: workload {workload!r} is not selected (selected: {', '.join(names)})")
+        targets = [workload] if dot else [n for n in names if size in {*workload_parameters(n, quick), "cache_tokens"}]
+        if not targets:
+            raise ValueError(f"--size {item}: no selected workload has a size {size!r}")
+        for name in targets:
+            sizes[name][size] = number
+    for name, overrides in sizes.items():
+        workload_parameters(name, quick, **overrides)  # raises on an unknown size or a value out of range
+    return sizes
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="promptcache bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"], help="a workload or all of them")
     parser.add_argument("--quick", action="store_true", help="small sizes: everything in about a minute on 2 cores")
+    parser.add_argument("--size", action="append", default=[], metavar="[WORKLOAD.]KEY=N",
+                        help="override a workload size, e.g. requests=768 or chat.users=32 (repeatable; the sizes "
+                        "are listed in promptcache.bench.workloads.make_workload)")  # fmt: skip
     parser.add_argument("--out", default=None, help="report folder (default bench-out/<timestamp>)")
     parser.add_argument("--endpoint", default=None, help="an OpenAI-compatible server's URL; only it is benchmarked")
     parser.add_argument("--api-key", default=None, help="for --endpoint (default $OPENAI_API_KEY)")
@@ -794,7 +831,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return parser.parse_args(list(argv))
+    args = parser.parse_args(list(argv))
+    try:
+        args.sizes = parse_sizes(args.size, list(WORKLOADS) if args.workload == "all" else [args.workload], args.quick)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
