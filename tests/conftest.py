@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,9 @@ import torch
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "promptcache" / "data" / "default_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Tests run on the small embedded model unless they name another (the real default, SmolLM2, is 30x larger and
+# is used only by tests about real weights); PROMPTCACHE_MODEL is the default for `--model` / `LLM(model=None)`.
+os.environ["PROMPTCACHE_MODEL"] = str(DEFAULT_MODEL)
 
 # family -> (transformers config class name, extra config fields)
 FAMILIES: dict[str, tuple[str, dict]] = {
@@ -129,8 +133,12 @@ def _hf_model(model_dir: Path) -> torch.nn.Module:
     import transformers
 
     if model_dir not in _HF_CACHE:
+        # A GGUF file is read by transformers' own GGUF loader (its own dequantizers): an independent reference.
+        where = {"pretrained_model_name_or_path": model_dir}
+        if model_dir.suffix == ".gguf":
+            where = {"pretrained_model_name_or_path": model_dir.parent, "gguf_file": model_dir.name}
         _HF_CACHE[model_dir] = transformers.AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch.float32, attn_implementation="sdpa"
+            **where, dtype=torch.float32, attn_implementation="sdpa"
         ).eval()
     return _HF_CACHE[model_dir]
 
@@ -199,3 +207,16 @@ def keyed_server():
     server = LiveServer(ServerConfig(tenancy=tenancy))
     yield server
     server.stop()
+
+
+# ---- a model whose answers vary ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def varied_model(model_factory: Callable[..., Path]) -> Path:
+    """A small random llama whose greedy answers vary from token to token. The embedded model's repeat one token,
+    so two of its answers agree whatever the KV behind them: compare answers (cache hit vs cold) on this one."""
+    return model_factory("llama")
+
+
+def assert_varied(token_ids: list[int], at_least: int = 4) -> None:
+    """An answer used as evidence holds at least ``at_least`` distinct tokens (a comparison on less proves little)."""
+    assert len(set(token_ids)) >= at_least, f"too uniform an answer to compare: {token_ids}"

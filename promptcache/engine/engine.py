@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import psutil
 import torch
@@ -16,11 +15,12 @@ from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ModelRunner
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.scheduler import SCHEDULING_POLICIES, Scheduler
-from promptcache.model.config import ModelConfig
-from promptcache.model.loader import check_model_folder, load_model, model_fingerprint
-from promptcache.tokenizer import IncrementalDetokenizer, Tokenizer
+from promptcache.model.loader import load_model
+from promptcache.model.source import EMBEDDED_MODEL, resolve_model
+from promptcache.tokenizer import IncrementalDetokenizer
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model"
+# The embedded 5M random-weight model (tests and offline tools use it; the default model is resolve_model(None)).
+DEFAULT_MODEL = EMBEDDED_MODEL
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -28,7 +28,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class EngineConfig:
     """Everything that shapes an engine; ``LLM(...)`` keyword arguments land here."""
 
-    model: str | None = None
+    model: str | None = None  # GGUF file, HF folder, hub id org/name[@rev]; None: the default (source.py)
     device: str = "auto"
     dtype: str = "auto"
     block_size: int = 16
@@ -74,16 +74,18 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
-        self.model_path = check_model_folder(cfg.model or DEFAULT_MODEL)
+        self.source = resolve_model(cfg.model)
+        self.model_path = self.source.path
+        self.model_name = self.source.name
         self.device = cfg.resolved_device()
         self.dtype = cfg.resolved_dtype(self.device)
-        self.model_config = ModelConfig.from_pretrained(self.model_path)
-        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        self.model_config = self.source.config()
+        self.tokenizer = self.source.tokenizer()
         self.max_model_len = min(
             cfg.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings
         )
-        self.model = load_model(self.model_path, self.dtype, self.device, self.max_model_len)
-        self.fingerprint = model_fingerprint(self.model_path)
+        self.model = load_model(self.source, self.dtype, self.device, self.max_model_len)
+        self.fingerprint = self.source.fingerprint()
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(
             num_blocks,

@@ -17,6 +17,9 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
 }
+# config.json model_type -> architecture, for folders whose config has no ``architectures`` list.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+               "qwen3": "Qwen3ForCausalLM"}  # fmt: skip
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,10 +47,13 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
+    rope_freq_factors: list[float] | None = None  # GGUF's rope_freqs: a divisor per frequency (Llama 3.1 scaling)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         archs = raw.get("architectures") or []
+        if not archs and raw.get("model_type") in MODEL_TYPES:
+            archs = [MODEL_TYPES[raw["model_type"]]]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ValueError(
@@ -90,6 +96,7 @@ class ModelConfig:
             eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             bos_token_id=raw.get("bos_token_id"),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            rope_freq_factors=raw.get("rope_freq_factors"),
         )
 
     @classmethod
@@ -108,6 +115,10 @@ class ModelConfig:
         """RoPE inverse frequencies, with the configured scaling (matches transformers bit for bit)."""
         dim = self.head_dim
         inv = 1.0 / (self.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if self.rope_freq_factors is not None:
+            if len(self.rope_freq_factors) != inv.numel():
+                raise ValueError(f"rope_freqs has {len(self.rope_freq_factors)} factors for {inv.numel()} frequencies")
+            inv = inv / torch.tensor(self.rope_freq_factors, dtype=torch.float32)
         kind = self.rope_scaling.get("rope_type", "default")
         if kind == "linear":
             return inv / float(self.rope_scaling["factor"])

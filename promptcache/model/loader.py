@@ -1,17 +1,21 @@
-"""Load a Hugging Face model folder (one or many safetensors files) into ``LlamaForCausalLM``."""
+"""Load a model (a Hugging Face folder of safetensors, or a GGUF file) into ``LlamaForCausalLM``."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from promptcache.model.config import ModelConfig
 from promptcache.model.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from promptcache.model.source import ModelSource
 
 REQUIRED_FILES = ("config.json", "tokenizer.json")
 
@@ -59,17 +63,35 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()
 
 
-def _iter_tensors(folder: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a Hugging Face folder's safetensors files, under its own name, one at a time."""
     for f in weight_files(folder):
         with safe_open(str(f), framework="pt", device="cpu") as st:
             for name in st.keys():  # noqa: SIM118 - safe_open is not a dict
                 yield name, st.get_tensor(name)
 
 
-def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaForCausalLM:
-    """Build the model for ``path`` and copy every weight into place (fusing q/k/v and gate/up)."""
-    folder = check_model_folder(path)
-    cfg = ModelConfig.from_pretrained(folder)
+def load_model(
+    source: ModelSource | str | Path, dtype: torch.dtype, device: torch.device, max_len: int
+) -> LlamaForCausalLM:
+    """Build the model of ``source`` (a ModelSource, or a HF folder) and copy every weight into place."""
+    if isinstance(source, (str, Path)):
+        from promptcache.model.source import ModelSource
+
+        source = ModelSource(Path(source), "hf", Path(source).name)
+    return build_model(source.config(), source.tensors(dtype), dtype, device, max_len, str(source.path))
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int,
+    origin: str,
+) -> LlamaForCausalLM:
+    """Build the model for ``cfg`` from HF-named ``tensors``, fusing q/k/v and gate/up; ``origin`` names the
+    weights' file or folder in errors."""
     model = LlamaForCausalLM(cfg, dtype, device, max_len)
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     # HF name suffix -> (our parameter, its column range or stack index; None for the whole) within each layer.
@@ -98,7 +120,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
                 expected.add(f"model.layers.{i}.{suffix}")
     loaded: set[str] = set()
     with torch.no_grad():
-        for name, tensor in _iter_tensors(folder, device):
+        for name, tensor in tensors:
             target = _target(model, name, layer_map)
             if target is None:
                 continue  # e.g. rotary inv_freq buffers or an lm_head that tied embeddings make redundant
@@ -123,7 +145,7 @@ def load_model(path: str | Path, dtype: torch.dtype, device: torch.device, max_l
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ValueError(f"model folder {folder} lacks weights: {shown}")
+        raise ValueError(f"model {origin} lacks weights: {shown}")
     return model.eval()
 
 
