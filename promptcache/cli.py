@@ -37,7 +37,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for i in range(args.repeat):
-        if args.chat:
+        # An instruct model answers a question asked through its chat template; raw text it merely continues.
+        if args.chat or (not args.raw and llm.tokenizer.chat_templates):
             out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
         else:
             out = llm.generate([args.prompt], params)[0]
@@ -114,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the chat template (the default when the model has one)")
+    gen.add_argument("--raw", action="store_true", help="complete the prompt as raw text, without the chat template")
     gen.add_argument("--repeat", type=int, default=2, help="run the prompt this many times (the repeats hit the cache)")
     gen.add_argument("--no-prefix-caching", action="store_true")
     gen.set_defaults(func=cmd_generate)

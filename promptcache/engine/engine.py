@@ -86,6 +86,7 @@ class LLMEngine:
         )
         self.model = load_model(self.source, self.dtype, self.device, self.max_model_len)
         self.fingerprint = self.source.fingerprint()
+        self.source.release()
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(
             num_blocks,

@@ -92,16 +92,21 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, max_len: int):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
-        )
-        # The LM head, [hidden, vocab]. With tied embeddings it is a transposed copy of ``embed`` (one extra
-        # vocab x hidden matrix), which buys the fast one-row product above on every decode step.
-        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
-        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
+        # The LM head, [hidden, vocab], for the fast one-row product above on every decode step.
         self.lm_head = nn.Parameter(
             torch.empty(cfg.hidden_size, cfg.vocab_size, dtype=dtype, device=device), requires_grad=False
         )
+        self.embed: torch.Tensor
+        if cfg.tie_word_embeddings:
+            # NOTE: tied embeddings are one matrix: the embedding is a transposed view of the LM head (a lookup
+            # gathers one strided row per token, cheap), which saves a vocab x hidden copy (113 MB for SmolLM2).
+            self.embed = self.lm_head.t()
+        else:
+            self.embed = nn.Parameter(
+                torch.empty(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=device), requires_grad=False
+            )
+        self.layers = nn.ModuleList(DecoderLayer(cfg, dtype, device) for _ in range(cfg.num_layers))
+        self.norm = nn.Parameter(torch.empty(cfg.hidden_size, dtype=dtype, device=device), requires_grad=False)
         # RoPE tables for every position we can serve, computed in float32 then cast, as the reference does.
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * cfg.inv_freq()[None, :]
         self.register_buffer("cos", freqs.cos().to(dtype).to(device)[:, None, :], persistent=False)

@@ -139,9 +139,6 @@ def build_model(
                 )
             dst.copy_(tensor)
             loaded.add(name)
-    if cfg.tie_word_embeddings:
-        with torch.no_grad():
-            model.lm_head.copy_(model.embed.t())
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -64,6 +64,10 @@ class ModelSource:
 
         return GGUFModel(self.path)
 
+    def release(self) -> None:
+        """Close the GGUF file once loading is done: its memory map would otherwise stay resident."""
+        self.__dict__.pop("gguf", None)
+
     def config(self) -> ModelConfig:
         if self.kind == "gguf":
             return ModelConfig.from_dict(self.gguf.config_dict())
