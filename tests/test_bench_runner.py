@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from promptcache.bench import runner
+from promptcache.bench.report import summary_markdown
 from promptcache.bench.runner import (
+    BENCH_INSTALL,
     ENDPOINT,
     ENGINE_OFF,
     ENGINE_ON,
     TRANSFORMERS,
     Record,
+    RunResult,
     cost_comparison,
+    first_difference,
     main,
+    missing_dependencies,
+    output_agreement,
+    output_divergence,
     parse_args,
     parse_sizes,
     percentile,
@@ -101,7 +111,87 @@ def test_previous_turn_share_counts_the_previous_prompt_and_answer() -> None:
     assert previous_turn_share([record(0, 0, 100, None, 12), record(0, 1, 150, None, 12)], 16) is None
 
 
-# ---- the end-to-end quick run ----------------------------------------------------------------------------------
+# ---- the targets' generated tokens, compared -------------------------------------------------------------------
+def generated(index: int, output_ids: list[int], prompt_ids: list[int] | None = None) -> Record:
+    rec = record(index, 0, 10, 0, len(output_ids))
+    rec.index, rec.prompt_ids, rec.output_ids = index, prompt_ids or [1, 2, 3, index], output_ids
+    return rec
+
+
+def run_of(target: str, outputs: list[list[int]], prompts: list[list[int]] | None = None) -> RunResult:
+    recs = [generated(i, ids, prompts[i] if prompts else None) for i, ids in enumerate(outputs)]
+    return RunResult(target, recs, wall_s=1.0)
+
+
+def test_first_difference_is_where_two_id_lists_part() -> None:
+    assert first_difference([5, 6, 7], [5, 6, 7]) is None
+    assert first_difference([5, 6, 7], [5, 9, 7]) == 1
+    assert first_difference([5, 6], [5, 6, 7]) == 2  # one a prefix of the other: they part where it ends
+    assert first_difference([], []) is None
+
+
+def test_identical_runs_report_no_divergence() -> None:
+    outputs = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
+    agreement = output_agreement({t: run_of(t, outputs) for t in (ENGINE_ON, ENGINE_OFF, TRANSFORMERS)})
+    assert [(p["a"], p["b"]) for p in agreement] == [(ENGINE_ON, ENGINE_OFF), (ENGINE_ON, TRANSFORMERS),
+                                                     (ENGINE_OFF, TRANSFORMERS)]  # fmt: skip
+    for pair in agreement:
+        assert pair["requests_compared"] == 3
+        assert pair["requests_diverging"] == 0 and pair["first_divergence"] is None
+
+
+def test_a_divergence_is_reported_with_its_first_request_and_token() -> None:
+    on = run_of(ENGINE_ON, [[11, 12, 13], [21, 22, 23], [31, 32, 33]])
+    # Request 1 parts at token 2; request 2 at token 0, after an earlier answer changed its prompt.
+    off = run_of(ENGINE_OFF, [[11, 12, 13], [21, 22, 99], [98, 32, 33]],
+                 prompts=[[1, 2, 3, 0], [1, 2, 3, 1], [1, 2, 3, 2, 99]])  # fmt: skip
+    result = output_divergence(on, off)
+    assert result["requests_compared"] == 3 and result["requests_diverging"] == 2
+    assert result["first_divergence"] == {"request": 1, "session_id": "s1", "turn": 1, "token": 2,
+                                          "same_prompt": True}  # fmt: skip
+    # Request 2 alone: its prompt already differed, so the divergence was inherited, and the report says so.
+    inherited = output_divergence(on, RunResult(ENGINE_OFF, off.records[2:], wall_s=1.0))
+    assert inherited["requests_compared"] == 1 and inherited["first_divergence"]["same_prompt"] is False
+
+
+def test_requests_without_ids_are_not_compared() -> None:
+    endpoint = RunResult(ENDPOINT, [record(0, 0, 10, 0, 3)], wall_s=1.0)  # an endpoint returns no ids
+    assert output_agreement({ENGINE_ON: run_of(ENGINE_ON, [[1, 2, 3]]), ENDPOINT: endpoint}) == []
+    assert output_divergence(run_of(ENGINE_ON, [[1, 2, 3]]), endpoint)["requests_compared"] == 0
+
+
+# ---- optional dependencies ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("module", "options", "named"),
+    [
+        ("matplotlib", [], "matplotlib (for the plots)"),
+        ("transformers", [], "transformers (for the transformers baseline; --no-transformers skips it)"),
+        ("openai", ["--endpoint", "http://127.0.0.1:9"], "openai (for --endpoint)"),
+    ],
+)
+def test_bench_stops_before_any_work_naming_a_missing_package(
+    module: str, options: list[str], named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # what an interpreter without the package sees
+    monkeypatch.setattr(runner, "run_bench", lambda *a: pytest.fail("the benchmark ran with a package missing"))
+    out = tmp_path / "report"
+    assert main(["--workload", "chat", "--quick", "--out", str(out), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and BENCH_INSTALL in err and BENCH_INSTALL == 'pip install "promptcache[bench]"'
+    assert len(err.splitlines()) == 1
+    assert not out.exists()
+
+
+def test_only_the_packages_the_options_use_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.setitem(sys.modules, "openai", None)
+    assert missing_dependencies(parse_args(["--no-transformers"])) == []
+    assert missing_dependencies(parse_args([])) == [
+        "transformers (for the transformers baseline; --no-transformers skips it)"
+    ]
+    assert missing_dependencies(parse_args(["--endpoint", "http://127.0.0.1:9"])) == ["openai (for --endpoint)"]
+
+
 # ---- --size ----------------------------------------------------------------------------------------------------
 def test_a_bare_size_applies_to_every_selected_workload_that_has_it() -> None:
     sizes = parse_sizes(["requests=50", "users=3", "max_tokens=4"], list(WORKLOADS), quick=True)
@@ -187,6 +277,33 @@ def test_every_target_runs_the_same_requests(quick_run: tuple[Path, dict[str, An
         on, hf = runs[ENGINE_ON]["records"], runs[TRANSFORMERS]["records"]
         assert [r["prompt_tokens"] for r in hf] == [r["prompt_tokens"] for r in on]
         assert [r["output_tokens"] for r in hf] == [r["output_tokens"] for r in on]
+
+
+def test_every_pair_of_targets_generates_the_same_tokens(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    out, results = quick_run
+    for name, w in results["workloads"].items():
+        pairs = {(p["a"], p["b"]): p for p in w["output_agreement"]}
+        assert set(pairs) == {(ENGINE_ON, ENGINE_OFF), (ENGINE_ON, TRANSFORMERS), (ENGINE_OFF, TRANSFORMERS)}
+        for pair in pairs.values():
+            assert pair["requests_compared"] == w["sizes"]["requests"], (name, pair)
+            # Greedy float32 on CPU: the cache (or its absence, or transformers) never changes an answer.
+            assert pair["requests_diverging"] == 0 and pair["first_divergence"] is None, (name, pair)
+    summary = (out / "summary.md").read_text()
+    expected = "Generated token ids: promptcache, cache on = promptcache, cache off = transformers (no reuse), on every"
+    assert expected in summary and "none diverging" in summary
+
+
+def test_the_summary_reports_a_divergence_with_where_it_starts(quick_run: tuple[Path, dict[str, Any]]) -> None:
+    _, results = quick_run
+    diverged = copy.deepcopy(results)
+    pair = diverged["workloads"]["chat"]["output_agreement"][1]
+    pair.update(requests_diverging=2, first_divergence={"request": 5, "session_id": "chat-3", "turn": 2,
+                                                         "token": 7, "same_prompt": True})  # fmt: skip
+    summary = summary_markdown(diverged)
+    assert "**Generated token ids diverge**" in summary and "none diverging" not in summary
+    n = pair["requests_compared"]
+    assert (f"- chat: promptcache, cache on vs transformers (no reuse): 2 of {n} requests; the first at request 5 "
+            "(chat-3, turn 2), token 7 (same prompt ids)") in summary  # fmt: skip
 
 
 def test_caching_cuts_time_to_first_token_under_a_shared_system_prompt(quick_run: tuple[Path, dict[str, Any]]) -> None:

@@ -1,15 +1,24 @@
-"""The engine through its Python API, on the embedded default model: caching, chat replay, sampling, errors."""
+"""The engine through its Python API: caching, chat replay, sampling, errors.
+
+Most tests run on the embedded default model. Its greedy answer repeats one token, so a cache hit's answer is
+checked on ``varied_model`` (a small random llama whose answers vary) against the same prompt computed from scratch.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from conftest import assert_varied
 
 from promptcache import LLM, SamplingParams
+from promptcache.engine.request import RequestOutput
 
 BS = 16
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
@@ -18,6 +27,28 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm() -> LLM:
     return LLM(kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="module")
+def varied(varied_model: Path) -> LLM:
+    """Prefix caching on, on a model whose answers vary."""
+    return LLM(model=str(varied_model), kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="module")
+def cold(varied_model: Path) -> LLM:
+    """The same model with prefix caching off: every answer computed from scratch."""
+    return LLM(model=str(varied_model), kv_cache_memory_gb=0.25, enable_prefix_caching=False)
+
+
+def assert_same_as_cold(out: RequestOutput, cold: LLM, params: SamplingParams = GREEDY) -> None:
+    """``out`` read part of its prompt from the cache, and its answer is token for token the one computed from
+    scratch for the same prompt ids (an answer varied enough for the comparison to mean something)."""
+    assert out.num_cached_tokens > 0
+    ref = cold.generate([out.prompt_token_ids], params)[0]
+    assert ref.num_cached_tokens == 0
+    assert_varied(ref.token_ids)
+    assert out.token_ids == ref.token_ids
 
 
 def ids(seed: int, n: int) -> list[int]:
@@ -34,47 +65,53 @@ def assert_clean(llm: LLM) -> None:
 
 
 # ---- the prefix cache ------------------------------------------------------------------------------------------
-def test_shared_1000_token_prefix_is_reported_cached_to_the_block(llm: LLM) -> None:
+def test_shared_1000_token_prefix_is_reported_cached_to_the_block(varied: LLM, cold: LLM) -> None:
     prefix = ids(1, 1000)
-    first = llm.generate([prefix + ids(2, 20)], GREEDY)[0]
-    second = llm.generate([prefix + ids(3, 20)], GREEDY)[0]
+    first = varied.generate([prefix + ids(2, 20)], GREEDY)[0]
+    second = varied.generate([prefix + ids(3, 20)], GREEDY)[0]
     assert first.num_cached_tokens == 0
     assert second.num_cached_tokens == 1000 // BS * BS
-    assert_clean(llm)
+    assert_same_as_cold(second, cold)
+    assert_clean(varied)
 
 
-def test_text_prompts_hit_the_cache_too(llm: LLM) -> None:
+def test_text_prompts_hit_the_cache_too(varied: LLM, cold: LLM) -> None:
     doc = "The quick brown fox jumps over the lazy dog. " * 60
-    a = llm.generate([doc + "Question one?"], GREEDY)[0]
-    b = llm.generate([doc + "Another question entirely?"], GREEDY)[0]
+    a = varied.generate([doc + "Question one?"], GREEDY)[0]
+    b = varied.generate([doc + "Another question entirely?"], GREEDY)[0]
     shared = 0
     while a.prompt_token_ids[shared] == b.prompt_token_ids[shared]:
         shared += 1
     assert b.num_cached_tokens == shared // BS * BS > 500
+    assert_same_as_cold(b, cold)
 
 
-def test_generated_tokens_are_cached_for_the_next_request(llm: LLM) -> None:
+def test_generated_tokens_are_cached_for_the_next_request(varied: LLM, cold: LLM) -> None:
     prompt = ids(4, 50)
-    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0]
-    follow = llm.generate([prompt + out.token_ids + ids(5, 10)], GREEDY)[0]
+    out = varied.generate([prompt], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0]
+    follow = varied.generate([prompt + out.token_ids + ids(5, 10)], GREEDY)[0]
     # Every token whose KV was computed (all but the last sampled one) is cached, down to a block.
     assert follow.num_cached_tokens == (len(prompt) + len(out.token_ids) - 1) // BS * BS
+    assert_same_as_cold(follow, cold)  # the KV written while decoding is as good as a prefill's
 
 
-def test_identical_prompt_leaves_one_token_to_compute(llm: LLM) -> None:
+def test_identical_prompt_leaves_one_token_to_compute(varied: LLM, cold: LLM) -> None:
     prompt = ids(6, 64)
-    llm.generate([prompt], GREEDY)
-    again = llm.generate([prompt], GREEDY)[0]
+    first = varied.generate([prompt], GREEDY)[0]
+    again = varied.generate([prompt], GREEDY)[0]
     assert again.num_cached_tokens == 48  # 64 tokens = 4 blocks, but the last token must be computed
+    assert_same_as_cold(again, cold)
+    assert again.token_ids == first.token_ids
 
 
-def test_namespaces_never_share_cached_blocks(llm: LLM) -> None:
+def test_namespaces_never_share_cached_blocks(varied: LLM) -> None:
     prompt = ids(7, 200)
-    llm.generate([prompt], GREEDY, namespace="tenant-a")
-    other = llm.generate([prompt], GREEDY, namespace="tenant-b")[0]
-    same = llm.generate([prompt], GREEDY, namespace="tenant-a")[0]
-    assert other.num_cached_tokens == 0
+    varied.generate([prompt], GREEDY, namespace="tenant-a")
+    other = varied.generate([prompt], GREEDY, namespace="tenant-b")[0]
+    same = varied.generate([prompt], GREEDY, namespace="tenant-a")[0]
+    assert other.num_cached_tokens == 0  # computed from scratch: the reference for the hit
     assert same.num_cached_tokens == 192
+    assert_varied(other.token_ids)
     assert other.token_ids == same.token_ids
 
 
@@ -87,32 +124,37 @@ def test_batch_of_prompts_returns_in_order_and_shares_prefix(llm: LLM) -> None:
     assert_clean(llm)
 
 
-def test_longest_prefix_first_admits_cache_hits_first() -> None:
-    llm = LLM(kv_cache_memory_gb=0.05, max_num_seqs=1, scheduling_policy="lpm")
+def test_longest_prefix_first_admits_cache_hits_first(varied_model: Path, cold: LLM) -> None:
+    llm = LLM(model=str(varied_model), kv_cache_memory_gb=0.05, max_num_seqs=1, scheduling_policy="lpm")
     warm = ids(10, 300)
     llm.generate([warm], GREEDY)
     cold_out, warm_out = llm.generate([ids(11, 300), warm + [1, 2]], GREEDY)
     assert warm_out.num_cached_tokens == 288
     assert warm_out.metrics.first_scheduled_time < cold_out.metrics.first_scheduled_time
+    assert_same_as_cold(warm_out, cold)
 
 
 # ---- multi-turn chat with token-exact replay ------------------------------------------------------------------
+TURN2 = SamplingParams(temperature=0.0, max_tokens=16)
+
+
 def two_turns(llm: LLM) -> tuple:
     system = {"role": "system", "content": "You are a careful assistant. " * 20}
     turn1 = [system, {"role": "user", "content": "Summarise the history of the printing press."}]
-    # Sampled (seeded) tokens: random-weight greedy output repeats one token, which re-tokenizes unchanged.
+    # Sampled (seeded) tokens: the embedded model's greedy output repeats one token, which re-tokenizes unchanged.
     out1 = llm.chat(turn1, SamplingParams(temperature=1.0, seed=1234, max_tokens=40))[0]
     turn2 = [*turn1, {"role": "assistant", "content": out1.text}, {"role": "user", "content": "And the telegraph?"}]
-    out2 = llm.chat(turn2, SamplingParams(temperature=0.0, max_tokens=8))[0]
+    out2 = llm.chat(turn2, TURN2)[0]
     return out1, out2
 
 
-def test_second_chat_turn_hits_the_whole_first_turn_answer_included() -> None:
-    llm = LLM(kv_cache_memory_gb=0.05)
+def test_second_chat_turn_hits_the_whole_first_turn_answer_included(varied_model: Path, cold: LLM) -> None:
+    llm = LLM(model=str(varied_model), kv_cache_memory_gb=0.05)
     out1, out2 = two_turns(llm)
     turn1 = out1.prompt_token_ids + out1.token_ids
     assert out2.prompt_token_ids[: len(turn1)] == turn1  # token-exact replay of our own answer
     assert out2.num_cached_tokens == (len(turn1) - 1) // BS * BS
+    assert_same_as_cold(out2, cold, TURN2)
     # The case that needs replay: the answer's text does not re-tokenize to the ids that were generated.
     assert llm.tokenizer.encode(out1.text, add_special_tokens=False) != out1.token_ids
 
@@ -183,6 +225,48 @@ def test_max_tokens_and_eos(llm: LLM) -> None:
     assert eos in llm.engine.eos_token_ids
 
 
+@pytest.fixture(scope="module")
+def eos_case(varied: LLM) -> tuple[list[int], list[int], int]:
+    """A prompt, its greedy answer (EOS ignored) and a step ``k`` whose token comes out there for the first time:
+    declared the model's EOS, it ends generation exactly at step ``k``. Its text is nowhere in the answer before."""
+    prompt = ids(22, 30)
+    full = varied.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0].token_ids
+    assert_varied(full)
+    tok, eos = varied.tokenizer, varied.engine.eos_token_ids
+    steps = [
+        i
+        for i in range(4, len(full))
+        if full[i] not in full[:i]
+        and not eos & set(full[: i + 1])
+        and tok.decode([full[i]]).strip()
+        and tok.decode([full[i]]) not in tok.decode(full[:i])
+    ]
+    assert steps, f"no token of {full} can stand for an EOS"
+    return prompt, full, steps[0]
+
+
+@pytest.mark.parametrize("declared_in", ["generation_config.json", "config.json"])
+def test_generation_stops_at_the_models_eos_token(
+    varied_model: Path, eos_case: tuple[list[int], list[int], int], tmp_path: Path, declared_in: str
+) -> None:
+    prompt, full, k = eos_case
+    eos = full[k]
+    folder = Path(shutil.copytree(varied_model, tmp_path / "model"))
+    config = json.loads((folder / declared_in).read_text())
+    (folder / declared_in).write_text(json.dumps({**config, "eos_token_id": eos}))
+    llm = LLM(model=str(folder), num_kv_blocks=32)
+    assert eos in llm.engine.eos_token_ids
+
+    out = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24))[0]
+    assert out.finish_reason == "stop" and out.stop_reason == eos
+    assert out.token_ids == full[: k + 1]  # the EOS id ends the ids ...
+    past = llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))[0]
+    eos_text = llm.tokenizer.decode([eos])
+    assert eos_text not in out.text and past.text.startswith(out.text)  # ... but its text is not in the answer
+    # ignore_eos runs past it, to max_tokens.
+    assert past.token_ids == full and past.finish_reason == "length" and eos_text in past.text
+
+
 def test_logprobs_include_the_sampled_token_and_top_n(llm: LLM) -> None:
     out = llm.generate([ids(18, 30)], SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, ignore_eos=True))[0]
     assert out.logprobs is not None and len(out.logprobs) == 6
@@ -248,27 +332,25 @@ def test_abort_frees_blocks_and_others_finish(llm: LLM) -> None:
 
 
 # ---- the command line -----------------------------------------------------------------------------------------
-def test_cli_generate_prints_text_and_cache_figures() -> None:
+def test_cli_generate_prints_text_and_cache_figures(varied_model: Path, varied: LLM) -> None:
+    prompt = "Tell me a story about a lighthouse keeper. " * 5  # asked through the model's chat template
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "promptcache.cli",
-            "generate",
-            "Hello there, tell me a story " * 10,
-            "--max-tokens",
-            "4",
-        ],
+        [sys.executable, "-m", "promptcache.cli", "generate", prompt, "--model", str(varied_model),
+         "--max-tokens", "16", "--temperature", "0"],
         capture_output=True,
         text=True,
         timeout=120,
         check=True,
-    )
+    )  # fmt: skip
     runs = re.findall(r"\[prompt (\d+) tokens, cached (\d+)", res.stdout)
     assert len(runs) == 2
     (_, c1), (n2, c2) = runs
     assert c1 == "0"
     assert int(c2) == (int(n2) - 1) // BS * BS > 0  # the second run reuses the first run's full blocks
+    # The first run is a fresh engine's, computed from scratch: the second, a cache hit, prints the same answer.
+    cold_text, hit_text = re.findall(r"--- run \d+ ---\n(.*?)\n\[prompt", res.stdout, flags=re.DOTALL)
+    assert hit_text == cold_text
+    assert_varied(varied.tokenizer.encode(cold_text, add_special_tokens=False))
 
 
 def test_cli_reports_bad_model_folder(tmp_path) -> None:

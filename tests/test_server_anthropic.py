@@ -5,15 +5,18 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import anthropic
 import httpx
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, assert_varied
 
 from promptcache.api import anthropic_api
 from promptcache.api.anthropic_api import MessagesRequest, build_prompt
-from promptcache.api.tenancy import LOCAL_TENANT, Tenant
+from promptcache.api.server import ServerConfig
+from promptcache.api.tenancy import LOCAL_TENANT, Tenancy, Tenant
 from promptcache.engine.request import RequestMetrics, RequestOutput
 
 MODEL = "promptcache-default"
@@ -92,6 +95,36 @@ def assert_block_end(tok, ids: list[int], n: int, block_end: str) -> None:
 
 def total_input(usage) -> int:
     return usage.input_tokens + usage.cache_creation_input_tokens + usage.cache_read_input_tokens
+
+
+# ---- answers with a cache hit against answers computed from scratch ---------------------------------------------
+def keyed() -> ServerConfig:
+    """The keyed server's tenants: alice, bob and an admin key."""
+    tenants = {"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)}
+    return ServerConfig(tenancy=Tenancy(tenants))
+
+
+@pytest.fixture(scope="module")
+def varied_servers(varied_model: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Two keyed servers on a model whose answers vary (the embedded model's repeat one token): prefix caching on,
+    and off, where every answer is computed from scratch (the reference for a cache hit's answer)."""
+    hit = LiveServer(keyed(), model=str(varied_model))
+    cold = LiveServer(keyed(), model=str(varied_model), enable_prefix_caching=False)
+    yield hit, cold
+    hit.stop()
+    cold.stop()
+
+
+def assert_same_as_cold(server: LiveServer, hit: anthropic.types.Message, cold: anthropic.types.Message) -> None:
+    """``hit`` read part of its prompt from the cache and answered what ``cold`` (the same request, computed from
+    scratch) answered, an answer varied enough for that to mean something."""
+    assert hit.usage.cache_read_input_tokens > 0
+    assert cold.usage.cache_read_input_tokens == 0
+    assert total_input(hit.usage) == total_input(cold.usage)
+    assert hit.usage.output_tokens == cold.usage.output_tokens and hit.stop_reason == cold.stop_reason
+    answer = cold.content[0].text
+    assert_varied(server.core.tokenizer.encode(answer, add_special_tokens=False))
+    assert hit.content[0].text == answer
 
 
 # ---- messages ---------------------------------------------------------------------------------------------------
@@ -282,15 +315,19 @@ def test_stop_sequences_and_assistant_prefill(live_server: LiveServer) -> None:
     assert create(c, body["messages"]).stop_reason in ("max_tokens", "end_turn")
 
 
-def test_second_turn_hits_the_first_turn_and_its_answer(live_server: LiveServer) -> None:
-    c = client(live_server)
+def test_second_turn_hits_the_first_turn_and_its_answer(varied_servers: tuple[LiveServer, LiveServer]) -> None:
+    server, cold = varied_servers
+    c, reference = client(server, "key-alice"), client(cold, "key-alice")
     turn1 = [{"role": "user", "content": "A story about a lighthouse keeper, please." * 4}]
     first = create(c, turn1, max_tokens=16)
+    # The caching-off server answers the same turn 1 and replays its own answer (the same ids) in turn 2.
+    assert create(reference, turn1, max_tokens=16).content[0].text == first.content[0].text
     turn2 = [*turn1, {"role": "assistant", "content": first.content}, {"role": "user", "content": "Go on."}]
-    second = create(c, turn2)
+    second = create(c, turn2, max_tokens=16)
     # token-exact replay: the whole first turn, answer included, is read (less its last token, not computed)
     prompt1 = total_input(first.usage)
     assert second.usage.cache_read_input_tokens == (prompt1 + 16 - 1) // BS * BS
+    assert_same_as_cold(server, second, create(reference, turn2, max_tokens=16))
 
 
 # ---- cache_control ------------------------------------------------------------------------------------------------
@@ -361,12 +398,13 @@ def test_a_breakpoint_inside_a_replayed_answer_rounds_down_to_a_token(live_serve
     assert anthropic_api._replayed_prefix(tok, ids, content, len(content)) == len(ids)
 
 
-def test_5m_breakpoint_writes_the_prefix_then_reads_it(live_server: LiveServer) -> None:
-    c = client(live_server)
+def test_5m_breakpoint_writes_the_prefix_then_reads_it(varied_servers: tuple[LiveServer, LiveServer]) -> None:
+    server, cold = varied_servers
+    c = client(server, "key-alice")
     system = [{"type": "text", "text": long_text("Five"), "cache_control": EPHEMERAL}]
     first = create(c, "First question.", system=system)
     body1 = {"system": system, "messages": [{"role": "user", "content": "First question."}]}
-    prompt1 = prompt_of(live_server, body1)
+    prompt1 = prompt_of(server, body1, "alice")
     (p, ttl), = prompt1.breakpoints  # fmt: skip
     assert ttl == "5m" and p >= 1000
     u = first.usage
@@ -374,14 +412,17 @@ def test_5m_breakpoint_writes_the_prefix_then_reads_it(live_server: LiveServer) 
     assert u.cache_creation.ephemeral_1h_input_tokens == 0 and u.cache_read_input_tokens == 0
     assert u.input_tokens == len(prompt1.ids) - p // BS * BS
     assert u.model_extra["cost"]["cache_write_5m"] > 0
-    assert httpx.get(f"{live_server.url}/v1/cache/stats").json()["blocks_pinned"] >= p // BS
+    stats = httpx.get(f"{server.url}/v1/cache/stats", headers={"x-api-key": "key-alice"}).json()
+    assert stats["blocks_pinned"] >= p // BS
 
-    second = create(c, "Another one.", system=system)
-    prompt2 = prompt_of(live_server, {"system": system, "messages": [{"role": "user", "content": "Another one."}]})
+    second = create(c, "Another one.", system=system, max_tokens=16)
+    body2 = {"system": system, "messages": [{"role": "user", "content": "Another one."}]}
+    prompt2 = prompt_of(server, body2, "alice")
     read = second.usage.cache_read_input_tokens
     assert read == expected_read(prompt1.ids, prompt2.ids) and read >= p // BS * BS
     assert second.usage.cache_creation_input_tokens == 0 and second.usage.cache_creation.ephemeral_5m_input_tokens == 0
     assert second.usage.input_tokens == len(prompt2.ids) - read
+    assert_same_as_cold(server, second, create(client(cold, "key-alice"), "Another one.", system=system, max_tokens=16))
     # streaming: message_start already carries the cache usage
     events = create(c, "A third one.", system=system, stream=True)
     start = next(iter(events))
@@ -412,11 +453,14 @@ def test_mixed_ttls_split_the_writes(live_server: LiveServer) -> None:
     assert u.cache_creation_input_tokens == sum(dict(u.cache_creation).values())
 
 
-def test_tenants_and_salts_never_read_each_others_prefix(keyed_server: LiveServer) -> None:
+def test_tenants_and_salts_never_read_each_others_prefix(varied_servers: tuple[LiveServer, LiveServer]) -> None:
+    server, cold = varied_servers
     system = [{"type": "text", "text": long_text("Tenant"), "cache_control": EPHEMERAL}]
-    alice, bob = client(keyed_server, "key-alice"), client(keyed_server, "key-bob")
+    alice, bob = client(server, "key-alice"), client(server, "key-bob")
     assert create(alice, "One.", system=system).usage.cache_creation_input_tokens > 1000
-    assert create(alice, "Two.", system=system).usage.cache_read_input_tokens > 1000
+    hit = create(alice, "Two.", system=system, max_tokens=16)
+    assert hit.usage.cache_read_input_tokens > 1000
+    assert_same_as_cold(server, hit, create(client(cold, "key-alice"), "Two.", system=system, max_tokens=16))
     other = create(bob, "Two.", system=system).usage
     assert other.cache_read_input_tokens == 0 and other.cache_creation_input_tokens > 1000
     salted = create(alice, "Two.", system=system, extra_body={"cache_salt": "project-x"}).usage
@@ -435,9 +479,10 @@ def test_explain_takes_an_anthropic_body(live_server: LiveServer) -> None:
 
 # ---- pins under pressure ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_server():
-    """A pool of 240 blocks (3,840 tokens): four prompts of ~1,100 tokens evict everything that is not pinned."""
-    server = LiveServer(num_kv_blocks=240)
+def small_server(varied_model: Path) -> Iterator[LiveServer]:
+    """A pool of 240 blocks (3,840 tokens): four prompts of ~1,100 tokens evict everything that is not pinned. On
+    the model whose answers vary: a prefix that survived the pressure must still give the answer from scratch."""
+    server = LiveServer(model=str(varied_model), num_kv_blocks=240)
     yield server
     server.stop()
 
@@ -452,7 +497,9 @@ def explain(server: LiveServer, system: str, question: str) -> dict:
     return httpx.post(f"{server.url}/v1/cache/explain", json={"api": "anthropic", **body}).json()
 
 
-def test_pinned_prefix_survives_lru_pressure(small_server: LiveServer) -> None:
+def test_pinned_prefix_survives_lru_pressure(
+    small_server: LiveServer, varied_servers: tuple[LiveServer, LiveServer]
+) -> None:
     c = client(small_server)
     pinned = [{"type": "text", "text": long_text("Pinned"), "cache_control": EPHEMERAL}]
     unpinned = long_text("Loose")
@@ -462,7 +509,10 @@ def test_pinned_prefix_survives_lru_pressure(small_server: LiveServer) -> None:
     flood(c, "Flood")
     assert small_server.core.kv.pool.num_evictions > 0
     ((p, _),) = prompt_of(small_server, {"system": pinned, "messages": [{"role": "user", "content": "Q2"}]}).breakpoints
-    assert create(c, "Q2", system=pinned, max_tokens=1).usage.cache_read_input_tokens == p // BS * BS
+    hit = create(c, "Q2", system=pinned, max_tokens=16)
+    assert hit.usage.cache_read_input_tokens == p // BS * BS
+    cold = client(varied_servers[1], "key-alice")
+    assert_same_as_cold(small_server, hit, create(cold, "Q2", system=pinned, max_tokens=16))
     loose = create(c, "Q2", system=unpinned, max_tokens=1).usage
     assert loose.cache_read_input_tokens == 0
     small_server.core.kv.pool.check_integrity()

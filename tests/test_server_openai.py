@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import LiveServer
+from conftest import LiveServer, assert_varied
 
 from promptcache.api.server import ServerConfig
 from promptcache.api.tenancy import Tenancy, Tenant
@@ -27,6 +29,37 @@ def chat(c: openai.OpenAI, messages: list[dict], **kw) -> openai.types.chat.Chat
     kw.setdefault("max_tokens", 8)
     kw.setdefault("temperature", 0)
     return c.chat.completions.create(model=MODEL, messages=messages, **kw)
+
+
+def keyed() -> ServerConfig:
+    """The keyed server's tenants: alice, bob and an admin key."""
+    tenants = {"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)}
+    return ServerConfig(tenancy=Tenancy(tenants))
+
+
+@pytest.fixture(scope="module")
+def varied_servers(varied_model: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
+    """Two keyed servers on a model whose answers vary (the embedded model's repeat one token): prefix caching on,
+    and off, where every answer is computed from scratch (the reference for a cache hit's answer)."""
+    hit = LiveServer(keyed(), model=str(varied_model))
+    cold = LiveServer(keyed(), model=str(varied_model), enable_prefix_caching=False)
+    yield hit, cold
+    hit.stop()
+    cold.stop()
+
+
+def assert_same_as_cold(
+    server: LiveServer, hit: openai.types.chat.ChatCompletion, cold: openai.types.chat.ChatCompletion
+) -> None:
+    """``hit`` read part of its prompt from the cache and answered what ``cold`` (the same request, computed from
+    scratch) answered, an answer varied enough for that to mean something."""
+    assert hit.usage.prompt_tokens_details.cached_tokens > 0
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert hit.usage.prompt_tokens == cold.usage.prompt_tokens
+    assert hit.usage.completion_tokens == cold.usage.completion_tokens
+    answer = cold.choices[0].message.content
+    assert_varied(server.core.tokenizer.encode(answer, add_special_tokens=False))
+    assert hit.choices[0].message.content == answer
 
 
 def wait_idle(server: LiveServer, timeout: float = 10.0) -> dict:
@@ -146,12 +179,16 @@ def test_tools_are_rendered_into_the_prompt(live_server: LiveServer) -> None:
 
 
 # ---- prompt caching as users see it ----------------------------------------------------------------------------
-def test_shared_system_prompt_is_cached_per_tenant(keyed_server: LiveServer) -> None:
-    alice, bob = client(keyed_server, "key-alice"), client(keyed_server, "key-bob")
+def test_shared_system_prompt_is_cached_per_tenant(varied_servers: tuple[LiveServer, LiveServer]) -> None:
+    server, cold = varied_servers
+    alice, bob = client(server, "key-alice"), client(server, "key-bob")
     system = {"role": "system", "content": LONG_SYSTEM}
     first = chat(alice, [system, {"role": "user", "content": "First question?"}])
-    second = chat(alice, [system, {"role": "user", "content": "A different question?"}])
+    second = chat(alice, [system, {"role": "user", "content": "A different question?"}], max_tokens=16)
     third = chat(bob, [system, {"role": "user", "content": "A different question?"}])
+    reference = chat(client(cold, "key-alice"), [system, {"role": "user", "content": "A different question?"}],
+                     max_tokens=16)  # fmt: skip
+    assert_same_as_cold(server, second, reference)
     assert first.usage.prompt_tokens > 1000 and first.usage.prompt_tokens_details.cached_tokens == 0
     cached = second.usage.prompt_tokens_details.cached_tokens
     assert cached >= (first.usage.prompt_tokens - 20) // BS * BS  # all but the differing question
@@ -163,18 +200,27 @@ def test_shared_system_prompt_is_cached_per_tenant(keyed_server: LiveServer) -> 
     assert second.usage.model_extra["cost"]["cached_input"] > 0
 
 
-def test_five_turn_conversation_hits_the_previous_turn_answer_included(live_server: LiveServer) -> None:
-    c = client(live_server)
+def test_five_turn_conversation_hits_the_previous_turn_answer_included(
+    varied_servers: tuple[LiveServer, LiveServer],
+) -> None:
+    server, cold = varied_servers
+    c, reference = client(server, "key-alice"), client(cold, "key-alice")
     messages = [{"role": "system", "content": "You are a helpful assistant. " + LONG_SYSTEM}]
     prev_total = 0
     for turn in range(5):
         messages.append({"role": "user", "content": f"Question number {turn}: tell me more about caching."})
-        res = chat(c, messages, max_tokens=24, temperature=0.9, seed=turn)
+        res = chat(c, messages, max_tokens=24)
+        # The caching-off server holds the same conversation (its own answers, replayed as its own ids): turn by
+        # turn, the same answer computed from scratch.
+        expected = chat(reference, messages, max_tokens=24)
         if turn:
             cached = res.usage.prompt_tokens_details.cached_tokens
             assert cached >= 0.95 * prev_total
             # Exactly everything whose KV exists: the previous prompt and all of its answer but the last token.
             assert cached == (prev_total - 1) // BS * BS
+            assert_same_as_cold(server, res, expected)
+        else:
+            assert res.choices[0].message.content == expected.choices[0].message.content
         prev_total = res.usage.prompt_tokens + res.usage.completion_tokens
         messages.append({"role": "assistant", "content": res.choices[0].message.content})
 
@@ -292,17 +338,27 @@ def test_missing_or_bad_api_key_is_401(keyed_server: LiveServer) -> None:
     assert chat(client(keyed_server, "key-bob"), [{"role": "user", "content": "x"}], max_tokens=2).choices
 
 
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
 def test_full_queue_is_429_with_retry_after() -> None:
     server = LiveServer(ServerConfig(max_waiting=1))
     try:
         c = client(server)
-        stream = chat(c, [{"role": "user", "content": "long answer"}], max_tokens=400, stream=True)
-        next(iter(stream))  # the first request is now running
+        # Long enough that it is still running when the second request comes, however slow the machine.
+        stream = chat(c, [{"role": "user", "content": "long answer"}], max_tokens=4000, stream=True)
+        next(iter(stream))
+        wait_until(lambda: server.engine.num_waiting_or_running == 1, "the first request holds the only place")
         res = post_raw(server, {"model": MODEL, "messages": [{"role": "user", "content": "me too"}], "max_tokens": 2})
         assert res.status_code == 429 and res.headers["retry-after"] == "1"
         assert res.json()["error"]["type"] == "rate_limit_error"
-        stream.close()
-        time.sleep(0.2)
+        stream.close()  # the server aborts the request once it sees the client gone
+        wait_until(lambda: server.engine.num_waiting_or_running == 0, "the closed stream's request has left")
         assert chat(c, [{"role": "user", "content": "now?"}], max_tokens=2).choices
     finally:
         server.stop()

@@ -86,7 +86,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 # ---- summary.md ---------------------------------------------------------------------------------------------
 def summary_markdown(results: dict[str, Any]) -> str:
-    """The report as Markdown: headline, latency and throughput, chat turns, Belady, cost, calibration, notes."""
+    """The report as Markdown: headline, generated-token agreement, latency and throughput, chat turns, Belady,
+    cost, calibration, notes."""
     wls: dict[str, Any] = results["workloads"]
     m, v = results["machine"], results["versions"]
     lines = [
@@ -111,6 +112,7 @@ def summary_markdown(results: dict[str, Any]) -> str:
         "",
     ]
     lines += _headline(results)
+    lines += _agreement(results)
     lines += _latency(results)
     if any(w.get("previous_turn_share") for w in wls.values()):
         lines += _turns(results)
@@ -154,6 +156,38 @@ def _headline(results: dict[str, Any]) -> list[str]:
             row.append(_pct((w["cost"]["measured"]["saving_pct"] or 0) / 100))
         rows.append(row)
     return ["## Headline", "", *_table(header, rows), ""]
+
+
+def _label(target: str) -> str:
+    return TARGET_LABELS.get(target, target)
+
+
+def _agreement(results: dict[str, Any]) -> list[str]:
+    """One line when every pair of targets generated the same token ids on every request; else one per pair that
+    did not, with where its first divergence is."""
+    pairs = [(name, p) for name, w in results["workloads"].items() for p in w.get("output_agreement", [])]
+    if not pairs:
+        return []
+    diverging = [(name, p) for name, p in pairs if p["requests_diverging"]]
+    compared = sum(p["requests_compared"] for _, p in pairs)
+    if not diverging:
+        targets = dict.fromkeys(t for _, p in pairs for t in (p["a"], p["b"]))
+        return [
+            f"Generated token ids: {' = '.join(_label(t) for t in targets)}, on every request ({compared:,} request "
+            "pairs compared, none diverging).",
+            "",
+        ]
+    lines = [f"**Generated token ids diverge** ({sum(p['requests_diverging'] for _, p in diverging):,} of "
+             f"{compared:,} request pairs compared):", ""]  # fmt: skip
+    for name, p in diverging:
+        f = p["first_divergence"]
+        prompt = "same prompt ids" if f["same_prompt"] else "the prompts already differed"
+        lines.append(
+            f"- {name}: {_label(p['a'])} vs {_label(p['b'])}: {p['requests_diverging']} of {p['requests_compared']} "
+            f"requests; the first at request {f['request']} ({f['session_id']}, turn {f['turn']}), token {f['token']} "
+            f"({prompt})"
+        )
+    return [*lines, ""]
 
 
 def _latency(results: dict[str, Any]) -> list[str]:

@@ -12,20 +12,24 @@ Targets (one request at a time, in the workload's arrival order, so TTFT is neve
   (alternating who goes first) so that the machine's noise falls on both alike.
 - ``transformers``: ``AutoModelForCausalLM`` on the same weights with the caching-on run's prompt ids (so it sees the
   same prompts and the same answers in the history) and the same output lengths, nothing reused across requests:
-  what a user has without a serving engine. TTFT is one forward over the prompt (logits of the last token only);
-  time per output token comes from a timed greedy ``generate``.
+  what a user has without a serving engine. One timed greedy ``generate`` per request with no EOS id (as
+  ``ignore_eos``: an EOS is an ordinary token, neither a stop nor suppressed); TTFT is the time to its first new
+  token, time per output token the mean gap after it.
 - ``endpoint``: any OpenAI-compatible server (``--endpoint URL``), streamed with ``include_usage``; TTFT is the first
   chunk with content, cached tokens come from ``usage.prompt_tokens_details`` when the server reports them.
 
-Then: Belady's optimal eviction and the engine's policies (LFU, LRU) replayed offline on the caching-on run's block
-trace (``belady.py``), and
-prices (``promptcache.pricing.PRESETS`` plus a table proportional to the compute measured by ``calibrate.py``).
+Then: the generated token ids of every pair of targets compared request by request (greedy decoding of the same
+prompt must give the same ids with the cache on, off and in transformers; any divergence is reported with where it
+starts), Belady's optimal eviction and the engine's policies (LFU, LRU) replayed offline on the caching-on run's
+block trace (``belady.py``), and prices (``promptcache.pricing.PRESETS`` plus a table proportional to the compute
+measured by ``calibrate.py``).
 ``report.py`` writes results.json, summary.md and the plots.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -56,6 +60,7 @@ MEASURED = "measured"  # the name of the measured-compute price table among the 
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 ENGINE_POLICIES = tuple(sorted(EVICTION_POLICIES))  # replayed offline beside Belady: "lfu", "lru"
 SIM_POLICIES = ("belady", *ENGINE_POLICIES)
+BENCH_INSTALL = 'pip install "promptcache[bench]"'  # the optional packages promptcache bench needs
 PLOT_PRESET = "default"  # the provider-shaped preset drawn beside the measured table in the cost plot
 AMPLE_KV_BYTES = 2 << 30  # the most KV memory an "ample" cache may take
 CAPACITY_NOTE = (
@@ -183,6 +188,54 @@ def previous_turn_share(records: Sequence[Record], block_size: int) -> dict[str,
         "achievable_mean": sum(ceilings) / len(ceilings),
         "achievable_min": min(ceilings),
     }
+
+
+# ---- do the targets generate the same tokens? -----------------------------------------------------------------
+def first_difference(a: Sequence[int], b: Sequence[int]) -> int | None:
+    """The first position where two id lists differ (the shorter one's length if one is a prefix of the other);
+    None when they are equal."""
+    for pos, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return pos
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def output_divergence(a: RunResult, b: RunResult) -> dict[str, Any]:
+    """Compare two runs' generated token ids request by request (matched by arrival index).
+
+    Requests without ids on either side (an endpoint) are not compared. ``first_divergence`` is the earliest
+    request (in arrival order) whose ids differ: its index, session, turn, the token position where the ids part,
+    and whether both targets had sent the same prompt ids (if not, the divergence was inherited from an earlier
+    answer that went back into the history).
+    """
+    theirs = {r.index: r for r in b.records}
+    compared, diverging = 0, 0
+    first: dict[str, Any] | None = None
+    for r in sorted(a.records, key=lambda r: r.index):
+        other = theirs.get(r.index)
+        if other is None or r.output_ids is None or other.output_ids is None:
+            continue
+        compared += 1
+        pos = first_difference(r.output_ids, other.output_ids)
+        if pos is None:
+            continue
+        diverging += 1
+        if first is None:
+            first = {
+                "request": r.index,
+                "session_id": r.session_id,
+                "turn": r.turn,
+                "token": pos,
+                "same_prompt": r.prompt_ids is not None and r.prompt_ids == other.prompt_ids,
+            }
+    return {"a": a.target, "b": b.target, "requests_compared": compared, "requests_diverging": diverging,
+            "first_divergence": first}  # fmt: skip
+
+
+def output_agreement(runs: dict[str, RunResult]) -> list[dict[str, Any]]:
+    """``output_divergence`` for every pair of runs that returned token ids (cache on / off, transformers)."""
+    with_ids = [run for run in runs.values() if any(r.output_ids is not None for r in run.records)]
+    return [output_divergence(a, b) for a, b in itertools.combinations(with_ids, 2)]
 
 
 # ---- cost -----------------------------------------------------------------------------------------------------
@@ -468,12 +521,14 @@ def run_transformers(
     clock_type = type("TokenClock", (_TokenClock, BaseStreamer), {})
 
     def generate(ids: torch.Tensor, n: int, clock: Any = None) -> torch.Tensor:
+        # No EOS id, as the engine's ignore_eos: an EOS is an ordinary token. (min_new_tokens would instead mask the
+        # EOS logits, and greedy would then pick another token than the engine where EOS is the most likely one.)
         return hf.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
-            min_new_tokens=n,
             do_sample=False,
+            eos_token_id=None,
             pad_token_id=pad,
             streamer=clock,
         )
@@ -760,6 +815,8 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
             entry["belady"] = belady_analysis(
                 runs[ENGINE_ON].records, runs[ENGINE_ON].info["num_kv_blocks"], args.block_size, args.eviction_policy
             )
+        # Greedy decoding of the same prompt gives the same ids on every target, cache or not: say where it did not.
+        entry["output_agreement"] = output_agreement(runs)
         off = runs[ENGINE_OFF].records if ENGINE_OFF in runs else None
         entry["cost"] = cost_comparison(primary.records, off, pricings)
         entry["cost_basis"] = (
@@ -839,12 +896,35 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a module set to None in sys.modules
+        return False
+
+
+def missing_dependencies(args: argparse.Namespace) -> list[str]:
+    """The optional packages that the chosen options need and that cannot be imported, each with what needs it."""
+    needed = {"matplotlib": "for the plots"}
+    if args.endpoint:
+        needed |= {"openai": "for --endpoint", "httpx": "for --endpoint"}
+    elif not args.no_transformers:
+        needed["transformers"] = "for the transformers baseline; --no-transformers skips it"
+    return [f"{name} ({why})" for name, why in needed.items() if not _importable(name)]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``promptcache bench``: run, then write results.json, summary.md and the plots into --out."""
-    from promptcache.bench.report import write_report
-
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    # Before any work: a missing package would otherwise surface only after every workload has run.
+    missing = missing_dependencies(args)
+    if missing:
+        print(f"promptcache bench: error: missing {', '.join(missing)}; install the benchmark extras with: "
+              f"{BENCH_INSTALL}", file=sys.stderr)  # fmt: skip
+        return 2
+    from promptcache.bench.report import write_report
+
     out = Path(args.out or Path("bench-out") / time.strftime("%Y%m%d-%H%M%S"))
     results = run_bench(args, argv)
     paths = write_report(results, out)
