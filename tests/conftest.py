@@ -197,14 +197,19 @@ def live_server():
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def keyed_server():
-    """A server with two tenants (alice, bob) and an admin key."""
+def keyed():
+    """A server config with two tenants (alice, bob) and an admin key."""
     from promptcache.api.server import ServerConfig
     from promptcache.api.tenancy import Tenancy, Tenant
 
-    tenancy = Tenancy({"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)})
-    server = LiveServer(ServerConfig(tenancy=tenancy))
+    tenants = {"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)}
+    return ServerConfig(tenancy=Tenancy(tenants))
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    """A server with two tenants (alice, bob) and an admin key."""
+    server = LiveServer(keyed())
     yield server
     server.stop()
 
@@ -220,3 +225,28 @@ def varied_model(model_factory: Callable[..., Path]) -> Path:
 def assert_varied(token_ids: list[int], at_least: int = 4) -> None:
     """An answer used as evidence holds at least ``at_least`` distinct tokens (a comparison on less proves little)."""
     assert len(set(token_ids)) >= at_least, f"too uniform an answer to compare: {token_ids}"
+
+
+@pytest.fixture(scope="module")
+def varied_servers(varied_model: Path):
+    """Two keyed servers on a model whose answers vary (the embedded model's repeat one token): prefix caching on,
+    and off, where every answer is computed from scratch (the reference for a cache hit's answer)."""
+    hit = LiveServer(keyed(), model=str(varied_model))
+    cold = LiveServer(keyed(), model=str(varied_model), enable_prefix_caching=False)
+    yield hit, cold
+    hit.stop()
+    cold.stop()
+
+
+def our_prefill_logits(llm, ids: list[int]) -> torch.Tensor:
+    """Logits at every prompt position from our paged forward (one cold prefill of ``ids`` in ``llm``'s engine)."""
+    from promptcache import SamplingParams
+
+    eng = llm.engine
+    req = eng.add_request(ids, SamplingParams(max_tokens=1))
+    assert eng.kv.allocate_prefix(req.seq, ids, len(ids)) == 0
+    input_ids, ctx, _ = eng.runner.build([(req, len(ids))])
+    with torch.inference_mode():
+        logits = eng.model.compute_logits(eng.model(input_ids, ctx, eng.runner.kv_cache))
+    eng.scheduler.finish(req)
+    return logits

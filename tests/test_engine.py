@@ -353,6 +353,17 @@ def test_cli_generate_prints_text_and_cache_figures(varied_model: Path, varied: 
     assert_varied(varied.tokenizer.encode(cold_text, add_special_tokens=False))
 
 
+def test_cli_generate_asks_through_the_chat_template_unless_raw(llm: LLM) -> None:
+    def prompt_tokens(*flags: str) -> int:
+        cmd = [sys.executable, "-m", "promptcache.cli", "generate", "Hello", "--max-tokens", "2", "--repeat", "1"]
+        res = subprocess.run([*cmd, *flags], capture_output=True, text=True, timeout=120, check=True)
+        return int(re.findall(r"\[prompt (\d+) tokens", res.stdout)[0])
+
+    chat = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}])
+    assert prompt_tokens() == len(llm.tokenizer.encode(chat, add_special_tokens=False))
+    assert prompt_tokens("--raw") == len(llm.tokenizer.encode("Hello"))
+
+
 def test_cli_reports_bad_model_folder(tmp_path) -> None:
     res = subprocess.run(
         [sys.executable, "-m", "promptcache.cli", "generate", "hi", "--model", str(tmp_path)],

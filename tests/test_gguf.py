@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import hf_greedy, hf_logits
+from conftest import hf_greedy, hf_logits, our_prefill_logits
 from gguf_files import write_gguf
 from kquants import quantize
 from safetensors.torch import load_file
@@ -57,17 +57,6 @@ def gguf_factory(model_factory, tmp_path_factory) -> Callable[..., Path]:
 CASES = [("llama", "Q8_0", {}), ("llama", "Q4_K", {}), ("mistral", "Q4_K", {}), ("qwen2", "Q8_0", {"tie": True}),
          ("qwen2", "Q4_K", {}), ("qwen3", "Q8_0", {}), ("qwen3", "Q4_K", {"tie": True})]  # fmt: skip
 IDS = [f"{f}-{q}{'-tied' if k else ''}" for f, q, k in CASES]
-
-
-def our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    eng = llm.engine
-    req = eng.add_request(ids, SamplingParams(max_tokens=1))
-    assert eng.kv.allocate_prefix(req.seq, ids, len(ids)) == 0
-    input_ids, ctx, _ = eng.runner.build([(req, len(ids))])
-    with torch.inference_mode():
-        logits = eng.model.compute_logits(eng.model(input_ids, ctx, eng.runner.kv_cache))
-    eng.scheduler.finish(req)
-    return logits
 
 
 @pytest.mark.parametrize(("family", "qtype", "kwargs"), CASES, ids=IDS)

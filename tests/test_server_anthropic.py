@@ -15,8 +15,7 @@ from conftest import LiveServer, assert_varied
 
 from promptcache.api import anthropic_api
 from promptcache.api.anthropic_api import MessagesRequest, build_prompt
-from promptcache.api.server import ServerConfig
-from promptcache.api.tenancy import LOCAL_TENANT, Tenancy, Tenant
+from promptcache.api.tenancy import LOCAL_TENANT, Tenant
 from promptcache.engine.request import RequestMetrics, RequestOutput
 
 MODEL = "promptcache-default"
@@ -98,23 +97,6 @@ def total_input(usage) -> int:
 
 
 # ---- answers with a cache hit against answers computed from scratch ---------------------------------------------
-def keyed() -> ServerConfig:
-    """The keyed server's tenants: alice, bob and an admin key."""
-    tenants = {"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)}
-    return ServerConfig(tenancy=Tenancy(tenants))
-
-
-@pytest.fixture(scope="module")
-def varied_servers(varied_model: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    """Two keyed servers on a model whose answers vary (the embedded model's repeat one token): prefix caching on,
-    and off, where every answer is computed from scratch (the reference for a cache hit's answer)."""
-    hit = LiveServer(keyed(), model=str(varied_model))
-    cold = LiveServer(keyed(), model=str(varied_model), enable_prefix_caching=False)
-    yield hit, cold
-    hit.stop()
-    cold.stop()
-
-
 def assert_same_as_cold(server: LiveServer, hit: anthropic.types.Message, cold: anthropic.types.Message) -> None:
     """``hit`` read part of its prompt from the cache and answered what ``cold`` (the same request, computed from
     scratch) answered, an answer varied enough for that to mean something."""

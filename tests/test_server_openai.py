@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import openai
@@ -29,23 +28,6 @@ def chat(c: openai.OpenAI, messages: list[dict], **kw) -> openai.types.chat.Chat
     kw.setdefault("max_tokens", 8)
     kw.setdefault("temperature", 0)
     return c.chat.completions.create(model=MODEL, messages=messages, **kw)
-
-
-def keyed() -> ServerConfig:
-    """The keyed server's tenants: alice, bob and an admin key."""
-    tenants = {"key-alice": Tenant("alice"), "key-bob": Tenant("bob"), "key-admin": Tenant("ops", admin=True)}
-    return ServerConfig(tenancy=Tenancy(tenants))
-
-
-@pytest.fixture(scope="module")
-def varied_servers(varied_model: Path) -> Iterator[tuple[LiveServer, LiveServer]]:
-    """Two keyed servers on a model whose answers vary (the embedded model's repeat one token): prefix caching on,
-    and off, where every answer is computed from scratch (the reference for a cache hit's answer)."""
-    hit = LiveServer(keyed(), model=str(varied_model))
-    cold = LiveServer(keyed(), model=str(varied_model), enable_prefix_caching=False)
-    yield hit, cold
-    hit.stop()
-    cold.stop()
 
 
 def assert_same_as_cold(

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import hf_greedy, hf_logits
+from conftest import hf_greedy, hf_logits, our_prefill_logits
 
 from promptcache import LLM, SamplingParams
 from promptcache.model.source import MODEL_ENV, installed_smollm2
@@ -70,13 +70,7 @@ def test_the_default_model_answers_a_real_question(llm: LLM) -> None:
 
 def test_prefill_logits_match_transformers(llm: LLM) -> None:
     ids = chat_ids(llm, QUESTIONS[1])
-    eng = llm.engine
-    req = eng.add_request(ids, SamplingParams(max_tokens=1))
-    assert eng.kv.allocate_prefix(req.seq, ids, len(ids)) == 0
-    input_ids, ctx, _ = eng.runner.build([(req, len(ids))])
-    with torch.inference_mode():
-        ours = eng.model.compute_logits(eng.model(input_ids, ctx, eng.runner.kv_cache))
-    eng.scheduler.finish(req)
+    ours = our_prefill_logits(llm, ids)
     ref = hf_logits(SMOLLM2, ids)
     torch.testing.assert_close(ours, ref, atol=2e-3, rtol=1e-3)
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))

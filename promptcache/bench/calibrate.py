@@ -1,6 +1,6 @@
 """Calibration: what one prompt token, one cached prompt token and one output token cost on this machine.
 
-    promptcache calibrate [--model HF_FOLDER] [--device auto] [--dtype auto] [--quick]
+    promptcache calibrate [--model MODEL] [--device auto] [--dtype auto] [--quick]
                           [--out calibrated-pricing.toml] [--json calibration.json]
     python -m promptcache.bench.calibrate ...   (the same)
 
@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the compute cost of prompt, cached and output tokens here and write a pricing file "
         "proportional to them.",
     )
-    parser.add_argument("--model", default=None, help="Hugging Face model folder (default: the embedded model)")
+    parser.add_argument("--model", default=None, help="a GGUF file, HF folder or hub id (default: the default model)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto, as the server)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and output tokens (seconds)")

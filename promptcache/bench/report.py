@@ -313,6 +313,8 @@ def _cost(results: dict[str, Any]) -> list[str]:
 
 
 def _calibration(cal: dict[str, Any]) -> list[str]:
+    if "ratios" not in cal:  # prices read from a pricing file (--compute-pricing): no measurement in this run
+        return ["## Compute cost per token", "", f"The `measured` price table comes from {cal['source']}.", ""]
     ratios = cal["ratios"]
     lines = [
         "## Compute cost per token on this machine",

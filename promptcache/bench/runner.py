@@ -2,7 +2,7 @@
 ``transformers`` on the same weights, or through any OpenAI-compatible server; hit ratios against Belady's optimum;
 the cost of every run under the providers' price shapes and under this machine's measured compute.
 
-    promptcache bench --workload NAME|all [--quick] [--out DIR] [--endpoint URL] [--model HF_FOLDER] [--seed N]
+    promptcache bench --workload NAME|all [--quick] [--out DIR] [--endpoint URL] [--model MODEL] [--seed N]
                       [--no-transformers] [--compute-pricing FILE]
     python -m promptcache.bench.runner ...   (the same)
 
@@ -881,8 +881,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--ignore-eos", action="store_true",
                         help="for --endpoint: send ignore_eos (vLLM, promptcache): fixed output lengths")  # fmt: skip
     parser.add_argument("--model", default=None,
-                        help="HF model folder (default: the embedded model); with --endpoint, the served model name "
-                        "(default: the first of GET /v1/models)")  # fmt: skip
+                        help="a GGUF file, HF folder or hub id (default: the default model); with --endpoint, "
+                        "the served model name (default: the first of GET /v1/models)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="workload seed (the same seed gives the same workloads)")
     parser.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--compute-pricing", default=None,

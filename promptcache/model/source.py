@@ -116,7 +116,7 @@ def resolve_model(spec: str | os.PathLike[str] | None = None, *, quiet: bool = F
     if spec is None:
         smollm2 = installed_smollm2()
         if smollm2 is not None:
-            return ModelSource(smollm2, "gguf", smollm2.name.split(".")[0])
+            return _local(smollm2)  # named as the file is, the same as with --model PATH
         if not quiet:
             print(SMOLLM2_NOTICE, file=sys.stderr)
         return ModelSource(EMBEDDED_MODEL, "hf", EMBEDDED_MODEL_NAME)
