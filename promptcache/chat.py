@@ -301,6 +301,6 @@ def run_chat(
     params = params or SamplingParams()
     params.validate(llm.engine.model_config.vocab_size)  # a bad option fails once, here, not on every turn
     table = prices or PriceTable.preset("default")
-    # The name the server would serve this model under (its price-file key); older engines lack the attribute.
-    pricing = table.for_model(str(getattr(llm.engine, "model_name", "promptcache-default")))
+    # The name the server would serve this model under (its price-file key).
+    pricing = table.for_model(llm.engine.model_name)
     return ChatSession(llm, params, pricing, system=system).run()

@@ -29,6 +29,7 @@ measured by ``calibrate.py``).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import itertools
 import json
@@ -346,7 +347,10 @@ def _progress(total: int, desc: str, enabled: bool) -> Any:
     return tqdm(total=total, desc=desc, unit="req", disable=not enabled, leave=False, dynamic_ncols=True)
 
 
+@functools.lru_cache(maxsize=4)
 def _model_source(model: str | None) -> ModelSource:
+    """``--model`` resolved once per run: every workload sizes its pool with the same tokenizer and config (a GGUF
+    is parsed once, not per workload)."""
     from promptcache.model.source import resolve_model
 
     return resolve_model(model, quiet=True)

@@ -75,7 +75,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None):
         self.config = cfg = config or EngineConfig()
         self.source = resolve_model(cfg.model)
-        self.model_path = self.source.path
         self.model_name = self.source.name
         self.device = cfg.resolved_device()
         self.dtype = cfg.resolved_dtype(self.device)

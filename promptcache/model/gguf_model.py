@@ -8,6 +8,7 @@ once, at load, into the engine's dtype: our forward runs dense matrices.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterator
@@ -108,8 +109,15 @@ class GGUFModel:
         """The model's name: the file name without ``.gguf``."""
         return self.path.stem
 
+    @functools.cached_property
+    def _config(self) -> dict[str, Any]:
+        return self._read_config()
+
     def config_dict(self) -> dict[str, Any]:
         """A Hugging Face ``config.json`` equivalent built from the metadata (llama.cpp's key names)."""
+        return dict(self._config)
+
+    def _read_config(self) -> dict[str, Any]:
         required = {
             "block_count": "num_hidden_layers",
             "embedding_length": "hidden_size",
@@ -188,8 +196,7 @@ class GGUFModel:
         llama.cpp's converter permutes the rows of q and k for llama-architecture models (it interleaves the two
         RoPE halves of each head, GPT-J style); this undoes it, so our rotate-half RoPE sees HF's layout.
         """
-        cfg = self.config_dict()
-        heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+        heads, kv_heads = self._config["num_attention_heads"], self._config["num_key_value_heads"]
         for name in self._tensors:
             hf_name = _hf_name(name)
             if hf_name is None:

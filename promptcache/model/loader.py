@@ -71,14 +71,8 @@ def hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, st.get_tensor(name)
 
 
-def load_model(
-    source: ModelSource | str | Path, dtype: torch.dtype, device: torch.device, max_len: int
-) -> LlamaForCausalLM:
-    """Build the model of ``source`` (a ModelSource, or a HF folder) and copy every weight into place."""
-    if isinstance(source, (str, Path)):
-        from promptcache.model.source import ModelSource
-
-        source = ModelSource(Path(source), "hf", Path(source).name)
+def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaForCausalLM:
+    """Build the model of ``source`` and copy every weight into place."""
     return build_model(source.config(), source.tensors(dtype), dtype, device, max_len, str(source.path))
 
 
