@@ -78,7 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=args.scheduling_policy,
-        eviction_policy=args.eviction_policy,
+        eviction_policy=args.eviction_policy, host_cache_gb=args.host_cache_gb, disk_cache_dir=args.disk_cache,
+        disk_cache_gb=args.disk_cache_gb, redis_url=args.redis_url, redis_ttl=args.redis_ttl,
+        tier_read_timeout=args.tier_read_timeout, tier_load_policy=args.tier_load_policy,
     ))  # fmt: skip
     name = args.served_model_name or engine.model_name
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices,
@@ -162,6 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="which idle cached KV block is reused first: least frequently used (aged), or least "
                           "recently used")  # fmt: skip
     srv.add_argument("--no-prefix-caching", action="store_true")
+    tiers = srv.add_argument_group("cache tiers", "where blocks go when the device pool evicts them (docs/tiers.md)")
+    tiers.add_argument("--host-cache-gb", type=float, default=None,
+                       help="host memory for blocks evicted from the device pool (on a CPU-only server, prefer a "
+                            "larger --kv-cache-memory-gb)")
+    tiers.add_argument("--disk-cache", default=None, metavar="DIR",
+                       help="keep blocks in files under DIR: they survive restarts")
+    tiers.add_argument("--disk-cache-gb", type=float, default=10.0, help="the disk tier's budget")
+    tiers.add_argument("--redis-url", default=None,
+                       help="share blocks with every server of the same model through Redis: redis://host:port/db, "
+                            "rediss://..., unix://..., or redis+cluster://host:port for Redis Cluster / Valkey")
+    tiers.add_argument("--redis-ttl", type=float, default=86400.0, help="seconds a block lives in Redis (pins extend)")
+    tiers.add_argument("--tier-read-timeout", type=float, default=0.5,
+                       help="seconds a read from disk or Redis may take; a later one is a miss and is recomputed")
+    tiers.add_argument("--tier-load-policy", default="auto", choices=["auto", "always"],
+                       help="auto: load a run from a lower tier only when measured faster than recomputing it")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
     for name, (_, help_text) in DELEGATED.items():

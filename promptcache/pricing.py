@@ -15,7 +15,7 @@ Presets are shaped like the providers' price lists (cached read 0.1x input, writ
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -68,6 +68,7 @@ class TokenUsage:
     output_tokens: int
     cache_write_5m_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # cached_tokens by the tier read from
 
     @property
     def cache_write_tokens(self) -> int:

@@ -210,7 +210,7 @@ def test_tool_use_blocks_end_to_end_with_a_scripted_answer(live_server: LiveServ
     service = live_server.app.state.service
     reply = 'Checking.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
 
-    async def scripted(tenant, salt, ids, params, api, cache_breakpoints=()):
+    async def scripted(tenant, salt, ids, params, api, cache_breakpoints=(), retention=0.0):
         service.check(ids, params)
         cuts = [0, 5, 14, 30, 61, len(reply)]
         for n, (a, b) in enumerate(itertools.pairwise(cuts)):

@@ -471,6 +471,7 @@ def anthropic_usage(u: TokenUsage, cost: dict[str, float] | None = None) -> dict
     }  # fmt: skip
     if cost is not None:
         usage["cost"] = {**cost, "currency": "USD"}
+    usage["cached_tokens_by_tier"] = dict(u.cached_tokens_by_tier)  # ours: cache reads by source tier
     return usage
 
 

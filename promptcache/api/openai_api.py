@@ -8,7 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
@@ -21,6 +21,9 @@ from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+RETENTION_SECONDS = {"in_memory": 0.0, "24h": 86400.0}
 
 
 class _Body(BaseModel):
@@ -38,8 +41,14 @@ class _Body(BaseModel):
     stream_options: dict[str, Any] | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
+    # "24h" keeps the prompt's blocks in the lower tiers (disk, Redis) for a day; "in_memory" is the default.
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     cache_salt: str | None = None
     ignore_eos: bool = False
+
+    @property
+    def retention_seconds(self) -> float:
+        return RETENTION_SECONDS.get(self.prompt_cache_retention or "in_memory", 0.0)
 
 
 class ChatCompletionRequest(_Body):
@@ -143,6 +152,8 @@ def openai_usage(done: Finished, completion_tokens: int | None = None) -> dict[s
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
         "cost": {**done.cost, "currency": "USD", "response_cached": done.response_cached},
+        # Our extension: cached_tokens split by the tier each block was read from (device, host, disk, redis).
+        "cached_tokens_by_tier": dict(u.cached_tokens_by_tier),
     }
 
 
@@ -197,7 +208,8 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
                         "usage": {**hit["usage"], "cost": _zero_cost(hit["usage"]["cost"])}}  # fmt: skip
         if body.stream:
             return await stream_response(chat_chunks(service, tenant, body, ids, params, rid, created), service)
-        results = await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai")
+        results = await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai",
+                              body.retention_seconds)  # fmt: skip
         choices = []
         for i, done in enumerate(results):
             out = done.output
@@ -239,7 +251,9 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
             )
         results: list[Finished] = []
         for ids, params in zip(prompts, all_params):
-            results.extend(await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai"))
+            results.extend(
+                await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai", body.retention_seconds)
+            )
         choices = []
         for i, done in enumerate(results):
             out = done.output
@@ -290,12 +304,13 @@ async def read_json(request: Request) -> dict[str, Any]:
 
 
 async def run_n(
-    service: Service, tenant: Tenant, salt: str | None, ids: list[int], params: SamplingParams, n: int, api: str
-) -> list[Finished]:
+    service: Service, tenant: Tenant, salt: str | None, ids: list[int], params: SamplingParams, n: int, api: str,
+    retention: float = 0.0,
+) -> list[Finished]:  # fmt: skip
     """n choices: the first runs alone until its prompt is cached, then the others start and hit that cache."""
     if n == 1:
-        return [await service.complete(tenant, salt, ids, params, api)]
-    first_stream = service.stream(tenant, salt, ids, params, api)
+        return [await service.complete(tenant, salt, ids, params, api, retention=retention)]
+    first_stream = service.stream(tenant, salt, ids, params, api, retention=retention)
     first_out = await anext(first_stream)
 
     async def finish_first() -> Finished:
@@ -304,7 +319,7 @@ async def run_n(
             pass
         return service.account(out)
 
-    rest = [service.complete(tenant, salt, ids, _seeded(params, i), api) for i in range(1, n)]
+    rest = [service.complete(tenant, salt, ids, _seeded(params, i), api, retention=retention) for i in range(1, n)]
     return list(await asyncio.gather(finish_first(), *rest))
 
 
@@ -334,7 +349,10 @@ async def chat_chunks(
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": service.model_name}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     outs: list[RequestOutput] = []
-    streams = [service.stream(tenant, body.cache_salt, ids, _seeded(params, i), "openai") for i in range(body.n)]
+    streams = [
+        service.stream(tenant, body.cache_salt, ids, _seeded(params, i), "openai", retention=body.retention_seconds)
+        for i in range(body.n)
+    ]
     # The first output arrives before any byte is sent: a busy engine or bad input still gets its HTTP status.
     first_out = await anext(streams[0])
     for i in range(body.n):
@@ -371,7 +389,7 @@ async def completion_chunks(
     base = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name}
     include_usage = bool((body.stream_options or {}).get("include_usage"))
     final: RequestOutput | None = None
-    async for out in service.stream(tenant, body.cache_salt, ids, params, "openai"):
+    async for out in service.stream(tenant, body.cache_salt, ids, params, "openai", retention=body.retention_seconds):
         if out.new_text or out.finished:
             reason = out.finish_reason if out.finished else None
             yield _sse(

@@ -101,6 +101,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         return {"status": "ok", "model": service.model_name, "requests": engine.num_waiting_or_running,
                 "blocks_in_use": stats["blocks_in_use"]}  # fmt: skip
 
+    @app.get("/v1/cache/integrity")
+    async def cache_integrity(request: Request) -> dict[str, Any]:
+        """Admin: check the device pool's and every tier's invariants (``?deep=1`` also verifies every entry)."""
+        tenant = authenticate(request)
+        if not tenant.admin:
+            raise APIError(403, "checking the cache's integrity needs an admin API key")
+        deep = request.query_params.get("deep") in ("1", "true")
+        problems = await service.engine.call_async(lambda e: e.check_integrity(deep))
+        return {"ok": not any(problems.values()), "problems": problems}
+
     @app.get("/metrics")
     async def metrics() -> Response:
         await service.cache_stats()
@@ -128,11 +138,15 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     @app.post("/v1/cache/reset")
     async def cache_reset(request: Request) -> dict[str, Any]:
+        """Admin: forget the device pool's idle blocks; ``{"tiers": true}`` also the local tiers' entries, and
+        ``{"shared": true}`` also this model's entries in Redis (which every replica reads)."""
         tenant = authenticate(request)
         if not tenant.admin:
             raise APIError(403, "resetting the cache needs an admin API key")
-        dropped = await service.engine.call_async(lambda e: e.kv.pool.reset())
-        return {"reset": True, "blocks_dropped": dropped}
+        body = await openai_api.read_json(request) if await request.body() else {}
+        tiers, shared = bool(body.get("tiers") or body.get("shared")), bool(body.get("shared"))
+        dropped = await service.engine.call_async(lambda e: e.reset_cache(tiers, shared))
+        return {"reset": True, "blocks_dropped": dropped["device"], "entries_dropped": dropped}
 
     app.include_router(openai_api.build_router(service, authenticate))
     try:

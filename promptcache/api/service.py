@@ -132,6 +132,7 @@ class Service:
         params: SamplingParams,
         api: str,
         cache_breakpoints: Sequence[tuple[int, str]] = (),
+        retention: float = 0.0,
     ) -> AsyncIterator[RequestOutput]:
         """Run one request, yielding its outputs; records latency, tokens and cost when it finishes."""
         self.check(ids, params)
@@ -141,7 +142,7 @@ class Service:
         last = start
         first = True
         try:
-            gen = self.engine.generate(ids, params, tenant.namespace(cache_salt), request_id, breakpoints)
+            gen = self.engine.generate(ids, params, tenant.namespace(cache_salt), request_id, breakpoints, retention)
             async for out in gen:
                 now = time.perf_counter()
                 if first:
@@ -175,10 +176,11 @@ class Service:
         params: SamplingParams,
         api: str,
         cache_breakpoints: Sequence[tuple[int, str]] = (),
+        retention: float = 0.0,
     ) -> Finished:
         """Run one request to the end."""
         final: RequestOutput | None = None
-        async for out in self.stream(tenant, cache_salt, ids, params, api, cache_breakpoints):
+        async for out in self.stream(tenant, cache_salt, ids, params, api, cache_breakpoints, retention):
             final = out
         assert final is not None
         return self.account(final, cache_breakpoints)
@@ -210,9 +212,10 @@ class Service:
             output_tokens=len(out.token_ids),
             cache_write_5m_tokens=writes["5m"],
             cache_write_1h_tokens=writes["1h"],
+            cached_tokens_by_tier=dict(out.cached_tokens_by_tier),
         )
 
     async def cache_stats(self) -> dict[str, Any]:
-        stats = await self.engine.call_async(lambda e: e.cache_stats())
-        self.metrics.set_cache_state(stats)
-        return stats
+        stats, tiers = await self.engine.call_async(lambda e: (e.cache_stats(), e.tier_stats()))
+        self.metrics.set_cache_state(stats, tiers)
+        return {**stats, "tiers": tiers}

@@ -63,6 +63,8 @@ class BlockPool:
         self.max_pinned = int(num_blocks * max_pinned_fraction)
         # Addresses evicted lately, to tell "evicted" from "never cached" when explaining a miss.
         self.recently_evicted: OrderedDict[BlockHash, None] = OrderedDict()
+        # Called with a cached block just before eviction reuses it (its KV is still intact): tiers copy it down.
+        self.on_evict: Callable[[Block], None] | None = None
 
     def now(self) -> float:
         """The pool's clock (pins are set and expire on it)."""
@@ -139,6 +141,8 @@ class BlockPool:
                 blk = self._free.popleft()
             else:
                 blk = self._evictable.pop()
+                if self.on_evict is not None:
+                    self.on_evict(blk)
                 self._unregister(blk, evicted=True)
                 self.num_evictions += 1
             blk.ref_count = 1

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY
 from promptcache.cache.hashing import BlockHash, block_hash, root_hash
+from promptcache.cache.tiers.stack import TierPlan, TierStack
 
 
 @dataclass
@@ -21,6 +22,7 @@ class SeqBlocks:
     blocks: list[Block] = field(default_factory=list)
     hashes: list[BlockHash] = field(default_factory=list)  # hashes of the full blocks of its tokens so far
     num_registered: int = 0  # blocks[:num_registered] are registered (matched or written and committed)
+    cached_by_tier: dict[str, int] = field(default_factory=dict)  # tokens of the last prefix hit, by source tier
 
     @property
     def block_ids(self) -> list[int]:
@@ -46,6 +48,18 @@ class KVCacheManager:
         # Counters for metrics: prompt tokens looked up, and those found.
         self.query_tokens = 0
         self.hit_tokens = 0
+        self.hit_tokens_by_tier: dict[str, int] = {}
+        self.tiers: TierStack | None = None
+
+    def attach_tiers(self, tiers: TierStack) -> None:
+        """Put ``tiers`` below the pool: evicted blocks go down, prefix matches continue into them."""
+        self.tiers = tiers
+
+        def spill(blk: Block) -> None:
+            assert blk.block_hash is not None and blk.parent_hash is not None and blk.token_ids is not None
+            tiers.on_evicted(blk.block_hash, blk.parent_hash, blk.token_ids, blk.block_id)
+
+        self.pool.on_evict = spill
 
     @property
     def enable_caching(self) -> bool:
@@ -75,28 +89,75 @@ class KVCacheManager:
         max_blocks = (len(token_ids) - 1) // self.block_size
         return self.pool.match(seq.hashes[:max_blocks])
 
+    def match_tiers(self, seq: SeqBlocks, token_ids: Sequence[int], num_device_blocks: int) -> TierPlan | None:
+        """The blocks after a device hit of ``num_device_blocks`` that lower tiers hold and that are worth loading
+        (call ``match`` first: it computes the hashes). None when there is nothing to load."""
+        if self.tiers is None or not self.enable_caching or len(token_ids) < 2:
+            return None
+        max_blocks = (len(token_ids) - 1) // self.block_size
+        if num_device_blocks >= max_blocks:
+            return None
+        plan = self.tiers.plan(seq.hashes[num_device_blocks:max_blocks], self.block_size)
+        return plan if len(plan) else None
+
     def allocate_prefix(
-        self, seq: SeqBlocks, token_ids: Sequence[int], num_tokens: int, hit: list[Block] | None = None
+        self,
+        seq: SeqBlocks,
+        token_ids: Sequence[int],
+        num_tokens: int,
+        hit: list[Block] | None = None,
+        plan: TierPlan | None = None,
     ) -> int | None:
         """Give a sequence with no blocks its cached prefix plus room for ``num_tokens`` more tokens after it.
 
-        ``hit`` is ``match(seq, token_ids)`` when the caller already has it. Returns the number of cached tokens,
-        or None (and changes nothing) when the pool has too few blocks.
+        ``hit`` is ``match(seq, token_ids)`` when the caller already has it; ``plan`` (``match_tiers``) names
+        blocks after it to load from lower tiers. Returns the number of cached tokens (a block that fails to load
+        ends the prefix: it and what follows are computed), or None (and changes nothing) when the pool has too
+        few blocks.
         """
         assert not seq.blocks, "allocate_prefix is for a sequence that holds no blocks"
         if hit is None:
             hit = self.match(seq, token_ids)
-        num_cached = len(hit) * self.block_size
+        n_plan = len(plan) if plan is not None else 0
+        bs = self.block_size
         # Cached blocks with ref 0 count as available to the pool; taking them is not taking new room.
         idle_hits = sum(1 for b in hit if b.ref_count == 0)
-        need = self.blocks_for(num_cached + num_tokens) - len(hit)
+        need = self.blocks_for((len(hit) + n_plan) * bs + num_tokens) - len(hit)
         if need > self.pool.num_available - idle_hits:
             return None
         self.pool.acquire(hit)
         self.pool.refresh_pins(hit)
         seq.blocks = hit + self.pool.allocate(need)
         seq.num_registered = len(hit)
-        return num_cached
+        seq.cached_by_tier = {"device": len(hit) * bs} if hit else {}
+        if plan is not None and n_plan:
+            assert self.tiers is not None
+            first = len(hit)
+            origins = [self._origin(seq, token_ids, i) for i in range(first, first + n_plan)]
+            loaded = self.tiers.load_into(plan, seq.block_ids[first : first + n_plan], origins)
+            for j in range(loaded):
+                self._register_block(seq, first + j, *origins[j])
+                name = plan.sources[j].name
+                seq.cached_by_tier[name] = seq.cached_by_tier.get(name, 0) + bs
+            seq.num_registered = first + loaded
+        return seq.num_registered * bs
+
+    def _origin(self, seq: SeqBlocks, token_ids: Sequence[int], i: int) -> tuple[BlockHash, tuple[int, ...]]:
+        """Block ``i``'s parent address and tokens."""
+        bs = self.block_size
+        return (seq.hashes[i - 1] if i else seq.root), tuple(token_ids[i * bs : (i + 1) * bs])
+
+    def _register_block(self, seq: SeqBlocks, i: int, parent: BlockHash, tokens: tuple[int, ...]) -> bool:
+        """Register block ``i`` of a sequence (its KV is written); False if another block already held it."""
+        canonical = self.pool.register(seq.blocks[i], parent, tokens, seq.hashes[i])
+        if canonical is seq.blocks[i]:
+            return True
+        if canonical.ref_count > 0:
+            # Another running sequence registered the same content first: share its block, free ours.
+            self.pool.acquire([canonical])
+            self.pool.release([seq.blocks[i]])
+            seq.blocks[i] = canonical
+        return False
 
     def grow(self, seq: SeqBlocks, num_tokens: int) -> bool:
         """Make the sequence's blocks hold ``num_tokens`` tokens; False (and no change) if the pool is short."""
@@ -125,20 +186,19 @@ class KVCacheManager:
         written: list[int] = []
         self._extend_hashes(seq, token_ids[: full * self.block_size])
         for i in range(seq.num_registered, full):
-            bs = self.block_size
-            parent = seq.hashes[i - 1] if i else seq.root
-            canonical = self.pool.register(
-                seq.blocks[i], parent, tuple(token_ids[i * bs : (i + 1) * bs]), seq.hashes[i]
-            )
-            if canonical is seq.blocks[i]:
+            if self._register_block(seq, i, *self._origin(seq, token_ids, i)):
                 written.append(i)
-            elif canonical.ref_count > 0:
-                # Another running sequence registered the same content first: share its block, free ours.
-                self.pool.acquire([canonical])
-                self.pool.release([seq.blocks[i]])
-                seq.blocks[i] = canonical
         seq.num_registered = full
+        if self.tiers is not None and written:
+            self.tiers.on_written(
+                [(seq.hashes[i], *self._origin(seq, token_ids, i), seq.blocks[i].block_id) for i in written]
+            )
         return written
+
+    def pin_in_tiers(self, seq: SeqBlocks, num_blocks: int, until: float) -> None:
+        """Keep the sequence's first ``num_blocks`` blocks in the lower tiers until ``until`` (time.time())."""
+        if self.tiers is not None and num_blocks > 0:
+            self.tiers.pin(seq.hashes[:num_blocks], until)
 
     def free(self, seq: SeqBlocks) -> None:
         """Release all of a sequence's blocks, tail first (so chains are evicted from their end)."""
@@ -157,15 +217,34 @@ class KVCacheManager:
         self._extend_hashes(seq, token_ids)
         hit = self.pool.match(seq.hashes[:usable])
         n = len(hit)
+        by_tier = {"device": n * bs}
+        tier_note: dict[str, object] = {}
+        if self.tiers is not None and n < usable:
+            found = self.tiers.lookup(seq.hashes[n:usable])
+            keep, why = self.tiers.worth_loading(found, bs)
+            for tier in found.sources[:keep]:
+                by_tier[tier.name] = by_tier.get(tier.name, 0) + bs
+            n += keep
+            if why:
+                tier_note["recomputed"] = why
+            if n < usable:
+                tier_note["tiers_at_miss"] = self.tiers.describe(seq.hashes[n])
         out["cached_tokens"] = n * bs
+        out["cached_tokens_by_tier"] = by_tier
+        out.update(tier_note)
         if n < usable:
             h = seq.hashes[n]
-            why = (
-                f"this block was cached but has been evicted ({self.pool.eviction_policy} eviction) to make room"
-                if h in self.pool.recently_evicted
-                else "no cached block continues the prefix here: these tokens differ from everything cached in "
-                "this namespace (new content, or an earlier change upstream of this point)"
-            )
+            if "recomputed" in tier_note and n < len(hit) + len(found.sources):
+                why = "a lower tier holds this block, but loading it is estimated slower than recomputing it"
+            elif h in self.pool.recently_evicted:
+                why = f"this block was cached but has been evicted ({self.pool.eviction_policy} eviction) to make room"
+                if self.tiers is not None:
+                    why += ", and no lower tier holds it"
+            else:
+                why = (
+                    "no cached block continues the prefix here: these tokens differ from everything cached in "
+                    "this namespace (new content, or an earlier change upstream of this point)"
+                )
             return {**out, "first_miss_token": n * bs, "first_miss_block": n, "reason": why}
         if len(token_ids) // bs > usable:
             why = "every full block is cached; the last token is always computed, so its block is too"
@@ -173,6 +252,8 @@ class KVCacheManager:
             why = "every full block is cached; the rest is a partial block (only full blocks are cached)"
         return {**out, "first_miss_token": n * bs, "first_miss_block": n, "reason": why}
 
-    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int) -> None:
+    def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int, by_tier: dict[str, int]) -> None:
         self.query_tokens += num_prompt_tokens
         self.hit_tokens += num_hit_tokens
+        for name, n in by_tier.items():
+            self.hit_tokens_by_tier[name] = self.hit_tokens_by_tier.get(name, 0) + n

@@ -56,9 +56,11 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self) -> None:
+        """Stop the loop, then let the engine finish its pending tier writes."""
         self._stop.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout=10)
+        self.engine.close()
 
     # ---- calls from other threads ---------------------------------------------------------------------------
     def call(self, fn: Callable[[LLMEngine], T]) -> Future[T]:
@@ -84,6 +86,7 @@ class AsyncEngine:
         namespace: str,
         request_id: str,
         cache_breakpoints: list[tuple[int, float]] | None = None,
+        retention_seconds: float = 0.0,
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request and yield its outputs as they come; the last one has ``finished`` set.
 
@@ -97,7 +100,9 @@ class AsyncEngine:
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         try:
-            await self.call_async(lambda e: e.add_request(prompt_ids, params, namespace, request_id, cache_breakpoints))
+            await self.call_async(
+                lambda e: e.add_request(prompt_ids, params, namespace, request_id, cache_breakpoints, retention_seconds)
+            )
         except BaseException:
             self._forget(request_id)
             raise

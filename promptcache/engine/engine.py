@@ -11,6 +11,8 @@ import torch
 
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.cache.manager import KVCacheManager
+from promptcache.cache.tiers.base import KVLayout
+from promptcache.cache.tiers.stack import TierOptions, TierStack, build_tier_stack
 from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ModelRunner
 from promptcache.engine.sampler import Sampler
@@ -41,6 +43,14 @@ class EngineConfig:
     scheduling_policy: str = "fcfs"
     eviction_policy: str = DEFAULT_EVICTION_POLICY  # which idle cached block goes first: "lfu" or "lru"
     seed: int | None = 0
+    # Tiers below the device pool (cache/tiers/): host memory, a disk directory, a Redis shared by replicas.
+    host_cache_gb: float | None = None
+    disk_cache_dir: str | None = None
+    disk_cache_gb: float = 10.0
+    redis_url: str | None = None  # redis://host:port/db, rediss://..., unix://..., redis+cluster://host:port
+    redis_ttl: float = 86400.0
+    tier_read_timeout: float = 0.5  # seconds; a later read from a lower tier is a miss (recomputed)
+    tier_load_policy: str = "auto"  # "auto": load only when measured faster than recomputing; "always"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -54,6 +64,18 @@ class EngineConfig:
             raise ValueError(f"eviction policy must be one of {EVICTION_POLICIES}, got {self.eviction_policy!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        self.tier_options()  # validates the tier fields
+
+    def tier_options(self) -> TierOptions:
+        return TierOptions(
+            host_cache_gb=self.host_cache_gb,
+            disk_cache_dir=self.disk_cache_dir,
+            disk_cache_gb=self.disk_cache_gb,
+            redis_url=self.redis_url,
+            redis_ttl=self.redis_ttl,
+            read_timeout=self.tier_read_timeout,
+            load_policy=self.tier_load_policy,
+        )
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -96,6 +118,12 @@ class LLMEngine:
             cfg.eviction_policy,
         )
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype, self.device)
+        mc = self.model_config
+        shape = (mc.num_layers, 2, cfg.block_size, mc.num_kv_heads, mc.head_dim)
+        layout = KVLayout(self.fingerprint, self.dtype, shape, cfg.block_size)
+        self.tiers: TierStack | None = build_tier_stack(cfg.tier_options(), layout, self.runner, self.device)
+        if self.tiers is not None:
+            self.kv.attach_tiers(self.tiers)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
         self.sampler = Sampler(self.device, cfg.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
@@ -162,8 +190,13 @@ class LLMEngine:
         namespace: str = "default",
         request_id: str | None = None,
         cache_breakpoints: list[tuple[int, float]] | None = None,
+        retention_seconds: float = 0.0,
     ) -> Request:
-        """Validate and queue one request; raises ValueError (and queues nothing) on bad input."""
+        """Validate and queue one request; raises ValueError (and queues nothing) on bad input.
+
+        ``cache_breakpoints`` (prompt tokens, TTL seconds) pin those leading blocks in the device pool and the
+        lower tiers; ``retention_seconds`` keeps the whole prompt in the lower tiers that long (OpenAI's 24h).
+        """
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
         self.validate(prompt_ids, params)
@@ -180,6 +213,7 @@ class LLMEngine:
             eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
             cache_breakpoints=sorted(cache_breakpoints or []),
             block_size=self.kv.block_size,
+            retention_seconds=retention_seconds,
         )
         self.requests[rid] = req
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
@@ -208,7 +242,11 @@ class LLMEngine:
         for req, _ in batch.work:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
+        start = time.perf_counter()
         logits, sampled = self.runner.execute(batch.work)
+        if self.tiers is not None and batch.num_tokens >= 4 * self.kv.block_size:
+            # What a recomputed token costs here, against which loading a run from a lower tier is weighed.
+            self.tiers.recompute_rate.observe(time.perf_counter() - start, batch.num_tokens)
         prompt_blocks_of = self.kv.block_size
         for req, n in batch.work:
             req.num_computed += n
@@ -219,7 +257,7 @@ class LLMEngine:
         tokens, logprobs = self.sampler.sample(logits, [r.request_id for r in sampled], [r.params for r in sampled])
         now = time.perf_counter()
         for req in sampled:
-            if req.cache_breakpoints and req.metrics.first_token_time is None:
+            if (req.cache_breakpoints or req.retention_seconds) and req.metrics.first_token_time is None:
                 self._pin_breakpoints(req)
         return [self._append(req, tok, lp, now) for req, tok, lp in zip(sampled, tokens, logprobs)]
 
@@ -249,9 +287,14 @@ class LLMEngine:
 
     def _pin_breakpoints(self, req: Request) -> None:
         """Pin the blocks up to each cache breakpoint for its TTL (a hit refreshes the pin: same call)."""
-        now = self.kv.pool.now()
+        now, wall = self.kv.pool.now(), time.time()
+        bs = self.kv.block_size
         for num_tokens, ttl in req.cache_breakpoints:
-            self.kv.pool.pin(req.seq.blocks[: num_tokens // self.kv.block_size], now + ttl)
+            self.kv.pool.pin(req.seq.blocks[: num_tokens // bs], now + ttl)
+            # Pins outlive device eviction: the lower tiers keep these blocks for the TTL too.
+            self.kv.pin_in_tiers(req.seq, num_tokens // bs, wall + ttl)
+        if req.retention_seconds:
+            self.kv.pin_in_tiers(req.seq, req.num_prompt_tokens // bs, wall + req.retention_seconds)
 
     def explain(self, prompt: str | list[int], namespace: str = "default") -> dict[str, object]:
         """Where a prompt would hit the cache and why it would miss where it does, with the text around the miss."""
@@ -299,6 +342,7 @@ class LLMEngine:
             finish_reason=req.finish_reason,
             stop_reason=req.stop_reason,
             num_cached_tokens=req.num_cached_tokens or 0,
+            cached_tokens_by_tier=dict(req.cached_tokens_by_tier),
             metrics=req.metrics,
             logprobs=req.logprobs,
             finished=req.finished,
@@ -337,4 +381,33 @@ class LLMEngine:
             "preemptions": self.scheduler.num_preemptions,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "hit_tokens_by_tier": dict(self.kv.hit_tokens_by_tier),
         }
+
+    def tier_stats(self) -> dict[str, object] | None:
+        """Every lower tier's counters, sizes and latency histograms (None: no tiers)."""
+        return None if self.tiers is None else self.tiers.stats()
+
+    def check_integrity(self, deep: bool = False) -> dict[str, list[str]]:
+        """Problems found in the device pool and each tier (empty lists: all consistent)."""
+        problems: dict[str, list[str]] = {"device": []}
+        try:
+            self.kv.pool.check_integrity()
+        except AssertionError as err:
+            problems["device"].append(str(err) or "device pool invariant broken")
+        if self.tiers is not None:
+            problems.update(self.tiers.check_integrity(deep))
+        return problems
+
+    def reset_cache(self, tiers: bool = False, shared: bool = False) -> dict[str, int]:
+        """Forget cached blocks: the device pool's idle ones, and with ``tiers`` every local tier's entries (and
+        with ``shared`` also this model's entries in shared tiers, which other replicas read)."""
+        out = {"device": self.kv.pool.reset()}
+        if tiers and self.tiers is not None:
+            out.update(self.tiers.clear(shared))
+        return out
+
+    def close(self) -> None:
+        """Finish pending tier writes and release the tiers (the engine is not used afterwards)."""
+        if self.tiers is not None:
+            self.tiers.close()

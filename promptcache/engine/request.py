@@ -113,6 +113,8 @@ class Request:
     token_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     num_cached_tokens: int | None = None  # prompt tokens whose KV came from the cache, fixed at first admission
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # the same, by tier ("device", "host", ...)
+    retention_seconds: float = 0.0  # keep the prompt's blocks in the lower tiers this long (prompt_cache_retention)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
@@ -174,6 +176,7 @@ class RequestOutput:
     logprobs: list[dict[int, Logprob]] | None = None
     finished: bool = True
     num_cache_write_tokens: int = 0  # prompt tokens this request wrote into the cache (full blocks)
+    cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)  # num_cached_tokens by source tier
     written_blocks: list[int] = field(default_factory=list)  # which prompt blocks (index) it wrote
     new_token_ids: list[int] = field(default_factory=list)  # tokens since the previous output of a stream
     new_text: str = ""

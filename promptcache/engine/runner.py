@@ -27,6 +27,17 @@ class ModelRunner:
             cfg.num_layers, 2, num_blocks * block_size, cfg.num_kv_heads, cfg.head_dim, dtype=dtype, device=device
         )
 
+    # ---- BlockIO (the cache tiers reach device blocks through these) ------------------------------------------
+    def read_block(self, block_id: int) -> torch.Tensor:
+        """A view [layers, 2, block_size, kv_heads, head_dim] of one block's KV."""
+        bs = self.block_size
+        return self.kv_cache[:, :, block_id * bs : (block_id + 1) * bs]
+
+    def write_block(self, block_id: int, kv: torch.Tensor) -> None:
+        """Copy a block's KV (any device, same shape) into the pool."""
+        # NOTE: a blocking copy: the source may be a host slot that the next eviction overwrites.
+        self.read_block(block_id).copy_(kv)
+
     @property
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()

@@ -84,15 +84,18 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hit = self.kv.match(req.seq, req.token_ids)
-            n = min(len(req.token_ids) - len(hit) * self.kv.block_size, budget)
-            got = self.kv.allocate_prefix(req.seq, req.token_ids, n, hit)
+            plan = self.kv.match_tiers(req.seq, req.token_ids, len(hit))
+            cached = (len(hit) + (len(plan) if plan else 0)) * self.kv.block_size
+            n = min(len(req.token_ids) - cached, budget)
+            got = self.kv.allocate_prefix(req.seq, req.token_ids, n, hit, plan)
             if got is None:
                 break  # not enough blocks: wait for running requests to finish (FCFS, no overtaking)
             self.waiting.popleft()
             req.num_computed = got
             if req.num_cached_tokens is None:
                 req.num_cached_tokens = min(got, req.num_prompt_tokens)
-                self.kv.record_lookup(req.num_prompt_tokens, req.num_cached_tokens)
+                req.cached_tokens_by_tier = dict(req.seq.cached_by_tier)
+                self.kv.record_lookup(req.num_prompt_tokens, req.num_cached_tokens, req.cached_tokens_by_tier)
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             batch.work.append((req, n))
