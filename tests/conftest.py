@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from redis_servers import own_redis, redis_cluster, redis_server, redis_url  # noqa: F401 - fixtures
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "promptcache" / "data" / "default_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -110,6 +110,9 @@ class _Recent:
     def __contains__(self, h: BlockHash) -> bool:
         return h in self.items
 
+    def discard(self, h: BlockHash) -> None:
+        self.items.pop(h, None)
+
 
 class TierStack:
     """Tiers in lookup order (host, disk, Redis), the writer thread, and the read pool."""
@@ -141,16 +144,17 @@ class TierStack:
     def lookup(self, hashes: Sequence[BlockHash]) -> TierPlan:
         """The longest run of ``hashes`` that the tiers hold, block by block from the first tier that has it."""
         sources: list[Tier | None] = [None] * len(hashes)
-        limit = len(hashes)
         for tier in self.tiers:
-            todo = [i for i in range(limit) if sources[i] is None]
-            if not todo or not tier.available:
-                continue
+            todo = [i for i, s in enumerate(sources) if s is None]
+            if not todo:
+                continue  # NOTE: a down tier is still asked: it answers "absent" without I/O, and probes when due
             for i, present in zip(todo, tier.contains([hashes[i] for i in todo])):
                 if present:
                     sources[i] = tier
-            limit = next((i for i in range(limit) if sources[i] is None), limit)
         run = next((i for i, s in enumerate(sources) if s is None), len(sources))
+        for h, s in zip(hashes, sources):
+            if s is None:  # no tier has it (dropped write, eviction, a Redis restart): write it when computed again
+                self._sent_below.discard(h)
         return TierPlan(list(hashes[:run]), [s for s in sources[:run] if s is not None])
 
     def plan(self, hashes: Sequence[BlockHash], block_size: int) -> TierPlan:
@@ -242,6 +246,9 @@ class TierStack:
                 if kv is None:
                     n_ok = min(n_ok, i)
             self._load_rate[name].skipped_in_a_row = 0
+        for i, kv in enumerate(loaded):
+            if kv is None:  # lost below (corrupt, late, gone): when recomputed, it is written down again
+                self._sent_below.discard(plan.hashes[i])
         for i in range(n_ok):
             kv = loaded[i]
             assert kv is not None
@@ -266,8 +273,7 @@ class TierStack:
             view = self.io.read_block(block_id)
             entry = BlockEntry(h, parent, tokens, view, self._pins.get(h, 0.0))
             for tier in self._inline:
-                if tier.available:
-                    tier.store([entry])
+                tier.store([entry])
         if self._queued and h not in self._sent_below:
             self._enqueue([(h, parent, tokens, block_id)], self._queued)
 
@@ -336,16 +342,12 @@ class TierStack:
         if isinstance(item, tuple):
             hashes, until = item
             for tier in self._queued:
-                if tier.available:
-                    tier.pin(hashes, until)
+                tier.pin(hashes, until)
             return
         for e in item.entries:
             e.pin_until = max(e.pin_until, self._pins.get(e.block_hash, 0.0))
         for tier in item.targets:
-            if tier.available:
-                tier.store(item.entries)
-            else:
-                tier.counters.error("dropped", len(item.entries))
+            tier.store(item.entries)  # a down tier drops them (counted) and decides itself when to try again
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every queued write is done; False if ``timeout`` passed first."""
