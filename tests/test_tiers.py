@@ -14,10 +14,15 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from conftest import assert_varied
 
 from promptcache import LLM, SamplingParams
-from promptcache.cache.hashing import chain_hashes
+from promptcache.cache.hashing import block_hash, chain_hashes
+from promptcache.cache.tiers.base import BlockEntry, KVLayout
+from promptcache.cache.tiers.disk import DiskTier
+from promptcache.cache.tiers.format import encode
+from promptcache.cache.tiers.stack import TierOptions, TierStack
 from promptcache.engine.engine import LLMEngine
 
 BS = 16
@@ -142,6 +147,41 @@ def test_blocks_found_only_in_redis_are_kept_on_local_disk_too(make_llm, redis_u
     assert run(b, PROMPT).cached_tokens_by_tier == {"redis": len(PREFIX)}
     b.engine.tiers.flush(10)
     assert all(tier(b, "disk").contains(prefix_hashes(b, PREFIX)))
+
+
+class PoolIO:
+    """A device pool of a few blocks for a ``TierStack`` alone (the runner is the BlockIO in an engine)."""
+
+    def __init__(self, layout: KVLayout, n: int) -> None:
+        self.kv = torch.randn((n, *layout.shape))
+
+    def read_block(self, block_id: int) -> torch.Tensor:
+        return self.kv[block_id]
+
+    def write_block(self, block_id: int, kv: torch.Tensor) -> None:
+        self.kv[block_id].copy_(kv)
+
+
+def test_a_block_the_disk_dropped_is_written_again_when_it_leaves_the_device(tmp_path) -> None:
+    layout = KVLayout("fp", torch.float32, (2, 2, 4, 2, 8), 4)
+    io = PoolIO(layout, 3)
+    root = b"\0" * 32
+    blocks = [(block_hash(root, (i, i, i, i)), root, (i, i, i, i), i) for i in range(3)]
+    entry_bytes = len(encode(BlockEntry(*blocks[0][:3], io.kv[0]), layout))
+    disk = DiskTier(layout, tmp_path, capacity_bytes=2 * entry_bytes + 10)  # room for two entries
+    stack = TierStack([disk], io, TierOptions(disk_cache_dir=str(tmp_path)))
+    stack.on_written(blocks)  # write-through: the third store drops the first (LRU)
+    stack.flush()
+    assert disk.contains([b[0] for b in blocks]) == [False, True, True]
+    stores = disk.counters.stores
+    stack.on_evicted(*blocks[1])  # still on disk: nothing to write
+    stack.flush()
+    assert disk.counters.stores == stores
+    stack.on_evicted(*blocks[0])  # the disk dropped it: it leaves the device, so it goes down again
+    stack.flush()
+    assert disk.contains([blocks[0][0]]) == [True]
+    assert torch.equal(disk.load([blocks[0][0]])[0], io.kv[0])
+    stack.close()
 
 
 # ---- isolation --------------------------------------------------------------------------------------------------

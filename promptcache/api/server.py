@@ -37,11 +37,14 @@ PromptBuilder = Callable[[Service, Tenant, dict[str, Any]], tuple[list[int], str
 
 
 def _openai_prompt(service: Service, tenant: Tenant, body: dict[str, Any]) -> tuple[list[int], str | None]:
-    if "prompt" in body and isinstance(body["prompt"], str):
-        return service.text_ids(body["prompt"]), body.get("cache_salt")
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return service.text_ids(prompt), body.get("cache_salt")
+    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # token ids, as completions
+        return prompt, body.get("cache_salt")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
-        raise APIError(400, "explain needs a request body with 'messages' (or a 'prompt' string)")
+        raise APIError(400, "explain needs a request body with 'messages' (or a 'prompt': text or token ids)")
     ids = service.chat_ids(tenant, openai_api.normalize_messages(messages), body.get("tools"))
     return ids, body.get("cache_salt")
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -24,8 +23,6 @@ from promptcache.cache.tiers.base import BlockEntry, KVLayout
 MAGIC = b"PCKV"
 VERSION = 1
 _PREFIX = struct.Struct("<4sHI")  # magic, version, header length
-# Decoded KV is a read-only view of the bytes read (it is copied into the device pool at once and never written).
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
 
 
 class CorruptEntry(ValueError):
@@ -121,5 +118,7 @@ def decode(buf: bytes | memoryview, layout: KVLayout, expected: BlockHash | None
         raise CorruptEntry(f"entry has {len(data)} KV bytes, expected {layout.nbytes} (truncated or padded)")
     if zlib.crc32(data) != crc:
         raise CorruptEntry("checksum mismatch: the KV bytes are damaged")
+    if data.readonly:  # torch views only writable memory without a warning; a copy costs less than the read
+        data = memoryview(bytearray(data))
     kv = torch.frombuffer(data, dtype=layout.dtype).view(layout.shape) if len(data) else torch.empty(layout.shape)
     return DecodedEntry(address, parent, tokens, kv)

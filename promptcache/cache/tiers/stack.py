@@ -5,9 +5,10 @@ The cache manager talks only to ``TierStack``; which tiers exist is decided by `
 Write policy (decided by the offline replay in ``bench/tier_study.py``, see docs/tier-policy.md):
 - host: write-back. A block the device pool evicts is copied into a host slot on the engine thread (a memory copy,
   before the device block is reused).
-- disk and Redis: write-through. Every block a request computes is copied out once and queued for the writer
-  thread right after its step; the writer stores it in every such tier that lacks it. A block whose write was
-  dropped (full queue, tier down) gets a second chance when the device evicts it.
+- disk and Redis: write-through+back. Every block a request computes is copied out once and queued for the writer
+  thread right after its step (durable at once, and shared with other replicas at once); and when the device
+  evicts a block that the disk has dropped meanwhile (or whose write was dropped), it is written again, as
+  write-back would, so a disk smaller than the working set keeps what just left memory.
 
 NOTE: the step loop never waits for a write: the queue is bounded in bytes and a write that does not fit is
 dropped (counted). An entry is visible in a tier only once its write completed (the tiers guarantee it).
@@ -263,19 +264,24 @@ class TierStack:
     # ---- writes (engine thread side) ------------------------------------------------------------------------
     def on_written(self, blocks: Sequence[tuple[BlockHash, BlockHash, tuple[int, ...], int]]) -> None:
         """Blocks a step computed and registered: (address, parent, tokens, device block id); write-through."""
-        if self._queued and blocks:
-            self._enqueue(blocks, self._queued)
+        fresh = [b for b in blocks if b[0] not in self._sent_below]
+        if self._queued and fresh:
+            self._enqueue(fresh, self._queued)
 
     def on_evicted(self, h: BlockHash, parent: BlockHash, tokens: tuple[int, ...], block_id: int) -> None:
-        """The device pool is about to reuse this block: copy it into the host tier, and give a block whose
-        write-through never happened (dropped) a second chance below."""
+        """The device pool is about to reuse this block: copy it into the host tier, and write it again to a lower
+        tier that no longer holds it (write-through+back)."""
         if self._inline:
             view = self.io.read_block(block_id)
             entry = BlockEntry(h, parent, tokens, view, self._pins.get(h, 0.0))
             for tier in self._inline:
                 tier.store([entry])
-        if self._queued and h not in self._sent_below:
-            self._enqueue([(h, parent, tokens, block_id)], self._queued)
+        # Write-through+back: a local tier that dropped the block meanwhile gets it again now that it leaves the
+        # device (as write-back would write it); for Redis, asking would cost a round trip on the step loop, so only
+        # a block this process never sent down (a dropped write) is written again.
+        targets = [t for t in self._queued if (h not in self._sent_below if t.shared else not t.contains([h])[0])]
+        if targets:
+            self._enqueue([(h, parent, tokens, block_id)], targets)
 
     def _enqueue(
         self,
@@ -283,9 +289,7 @@ class TierStack:
         targets: list[Tier],
     ) -> None:
         assert self.layout is not None
-        fresh = [b for b in blocks if b[0] not in self._sent_below or targets != self._queued]
-        if not fresh:
-            return
+        fresh = list(blocks)
         nbytes = len(fresh) * self.layout.nbytes
         with self._cv:
             if self._closed or self._queue_bytes + nbytes > self._max_queue_bytes:
@@ -377,6 +381,7 @@ class TierStack:
             "write_queue_blocks": queued,
             "write_queue_bytes": self._queue_bytes,
             "dropped_writes": self.dropped_writes,
+            "pinned_blocks": sum(1 for t in self._pins.values() if t > time.time()),
             "recompute_seconds_per_token": self.recompute_rate.value,
         }
 
