@@ -142,6 +142,13 @@ class KVCacheManager:
             seq.num_registered = first + loaded
         return seq.num_registered * bs
 
+    def fits(self, hit: list[Block], num_tokens: int) -> bool:
+        """Whether the pool has room for a device hit plus ``num_tokens`` more tokens (what a plan from the tiers
+        adds can only need more)."""
+        idle_hits = sum(1 for b in hit if b.ref_count == 0)
+        need = self.blocks_for(len(hit) * self.block_size + num_tokens) - len(hit)
+        return need <= self.pool.num_available - idle_hits
+
     def _origin(self, seq: SeqBlocks, token_ids: Sequence[int], i: int) -> tuple[BlockHash, tuple[int, ...]]:
         """Block ``i``'s parent address and tokens."""
         bs = self.block_size

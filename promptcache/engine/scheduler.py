@@ -84,6 +84,8 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
             hit = self.kv.match(req.seq, req.token_ids)
+            if not self.kv.fits(hit, min(len(req.token_ids) - len(hit) * self.kv.block_size, budget)):
+                break  # no room even without loading from the tiers: do not ask them (a Redis round trip)
             plan = self.kv.match_tiers(req.seq, req.token_ids, len(hit))
             cached = (len(hit) + (len(plan) if plan else 0)) * self.kv.block_size
             n = min(len(req.token_ids) - cached, budget)
