@@ -279,7 +279,15 @@ class TierStack:
         # Write-through+back: a local tier that dropped the block meanwhile gets it again now that it leaves the
         # device (as write-back would write it); for Redis, asking would cost a round trip on the step loop, so only
         # a block this process never sent down (a dropped write) is written again.
-        targets = [t for t in self._queued if (h not in self._sent_below if t.shared else not t.contains([h])[0])]
+        targets = []
+        for t in self._queued:
+            if t.shared:
+                if h not in self._sent_below:
+                    targets.append(t)
+            elif t.contains([h])[0]:
+                t.touch([h])  # leaving memory is a use: the disk keeps it longer (measured: better than not)
+            else:
+                targets.append(t)
         if targets:
             self._enqueue([(h, parent, tokens, block_id)], targets)
 
