@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY
 from promptcache.cache.hashing import BlockHash, block_hash, root_hash
-from promptcache.cache.tiers.stack import TierPlan, TierStack
+
+if TYPE_CHECKING:  # NOTE: the cache package imports without torch; only the tiers (and the engine) need it
+    from promptcache.cache.tiers.stack import TierPlan, TierStack
 
 
 @dataclass
