@@ -175,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="share blocks with every server of the same model through Redis: redis://host:port/db, "
                             "rediss://..., unix://..., or redis+cluster://host:port for Redis Cluster / Valkey")
     tiers.add_argument("--redis-ttl", type=float, default=86400.0, help="seconds a block lives in Redis (pins extend)")
-    tiers.add_argument("--tier-read-timeout", type=float, default=0.5,
-                       help="seconds a read from disk or Redis may take; a later one is a miss and is recomputed")
+    tiers.add_argument("--tier-read-timeout", type=float, default=1.0,
+                       help="seconds a read from disk or Redis may take, plus 2 ms per block read; a later one is a "
+                            "miss and is recomputed")
     tiers.add_argument("--tier-load-policy", default="auto", choices=["auto", "always"],
                        help="auto: load a run from a lower tier only when measured faster than recomputing it")
     srv.add_argument("--log-level", default="info")

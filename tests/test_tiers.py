@@ -121,6 +121,18 @@ def test_a_prefix_evicted_to_host_comes_back_with_the_cold_answer(make_llm, cold
     assert_clean(llm.engine)
 
 
+def test_spills_made_to_load_a_prefix_from_a_full_host_tier_do_not_push_that_prefix_out(make_llm, cold) -> None:
+    llm = make_llm(num_kv_blocks=12, host_cache_gb=10 * 8192 / (1 << 30))  # host: exactly ten blocks
+    run(llm, PROMPT)
+    run(llm, ids(10 * BS + 5, 12))  # PROMPT's blocks spill to the host, which is now full
+    # Loading PROMPT needs device blocks, whose eviction spills the other prompt into the full host.
+    out = run(llm, PREFIX + ids(5, 13))
+    assert out.num_cached_tokens == len(PREFIX)
+    assert out.cached_tokens_by_tier["host"] >= 8 * BS  # (the pool may still hold the head block)
+    assert out.token_ids == cold(PREFIX + ids(5, 13))
+    assert_clean(llm.engine)
+
+
 def test_the_prefix_comes_back_from_host_then_disk_then_redis(make_llm, cold, tmp_path, redis_url) -> None:
     llm = make_llm(host_cache_gb=0.01, disk_cache_dir=str(tmp_path), redis_url=redis_url)
     run(llm, PROMPT)

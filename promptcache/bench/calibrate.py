@@ -1,7 +1,7 @@
 """Calibration: what one prompt token, one cached prompt token and one output token cost on this machine.
 
     promptcache calibrate [--model MODEL] [--device auto] [--dtype auto] [--quick]
-                          [--out calibrated-pricing.toml] [--json calibration.json]
+                          [--out calibrated-pricing.toml] [--json calibration.json] [--tiers [--redis-url URL]]
     python -m promptcache.bench.calibrate ...   (the same)
 
 Every figure is wall-clock seconds measured through the real engine (``promptcache.LLM``, prefix caching on, a KV
@@ -544,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input-price", type=float, default=1.0, help="USD per million uncached prompt tokens")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--tiers", action="store_true", help="also weigh loading a block from the host and disk tiers "
+                        "(and Redis with --redis-url) against recomputing it")  # fmt: skip
+    parser.add_argument("--redis-url", default=None, help="the Redis that --tiers measures (default: none)")
     return parser
 
 
@@ -562,6 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     write_pricing_file(args.out, name, pricing)
     print(tldr_table(cal))
+    if args.tiers:
+        from promptcache.bench.tier_bench import calibrate_tiers, tiers_table
+
+        dtype = cal.raw["config"]["dtype"]
+        cal.raw["tiers"] = calibrate_tiers(args.model, dtype, cal.prefill_s_per_token, args.redis_url)
+        print("\n" + tiers_table(cal.raw["tiers"]))
     print(f"\npricing file for model {name!r} (output at batch {args.batch}): {args.out}")
     if args.json:
         doc = {

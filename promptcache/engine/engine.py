@@ -49,7 +49,7 @@ class EngineConfig:
     disk_cache_gb: float = 10.0
     redis_url: str | None = None  # redis://host:port/db, rediss://..., unix://..., redis+cluster://host:port
     redis_ttl: float = 86400.0
-    tier_read_timeout: float = 0.5  # seconds; a later read from a lower tier is a miss (recomputed)
+    tier_read_timeout: float = 1.0  # seconds (+2 ms per block read); a later read is a miss (recomputed)
     tier_load_policy: str = "auto"  # "auto": load only when measured faster than recomputing; "always"
 
     def __post_init__(self) -> None:

@@ -159,6 +159,10 @@ class Tier(ABC):
     def touch(self, hashes: Sequence[BlockHash]) -> None:  # noqa: B027 - optional
         """Mark blocks as just used (a load is coming), so making room evicts them last."""
 
+    def hold(self, hashes: Sequence[BlockHash]) -> None:  # noqa: B027 - optional
+        """Keep these entries from eviction until the next ``hold`` call: a load of them is coming, and the device
+        blocks allocated for it may spill other blocks into this tier first (only tiers that store inline)."""
+
     def pin(self, hashes: Sequence[BlockHash], until: float) -> None:  # noqa: B027 - optional
         """Keep these blocks until ``until`` (time.time() seconds) at least, where present."""
 

@@ -33,6 +33,7 @@ class HostTier(Tier):
         self._origin: dict[BlockHash, tuple[BlockHash, tuple[int, ...]]] = {}  # address -> (parent, tokens)
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._pins: dict[BlockHash, float] = {}
+        self._held: frozenset[BlockHash] = frozenset()  # the planned load's entries (see ``hold``)
         self._lock = threading.Lock()
 
     def contains(self, hashes: Sequence[BlockHash]) -> list[bool]:
@@ -44,6 +45,9 @@ class HostTier(Tier):
             for h in hashes:
                 if h in self._index:
                     self._index.move_to_end(h)
+
+    def hold(self, hashes: Sequence[BlockHash]) -> None:
+        self._held = frozenset(hashes)
 
     def pin(self, hashes: Sequence[BlockHash], until: float) -> None:
         with self._lock:
@@ -92,12 +96,13 @@ class HostTier(Tier):
         return done
 
     def _take_slot(self) -> int | None:
-        """A free slot, else the least recently used unpinned entry's (evicted); None if every entry is pinned."""
+        """A free slot, else the least recently used entry's that is neither pinned nor held (evicted); None if
+        there is none."""
         if self._free:
             return self._free.pop()
         now = time.time()
         for h in self._index:
-            if self._pins.get(h, 0.0) <= now:
+            if self._pins.get(h, 0.0) <= now and h not in self._held:
                 self._pins.pop(h, None)
                 self.counters.evictions += 1
                 return self._drop(h)

@@ -17,6 +17,7 @@ Reads happen at admission with a deadline; a late, failed or corrupt read is a m
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -34,6 +35,8 @@ from promptcache.cache.tiers.base import BlockEntry, BlockIO, KVLayout, Tier
 log = logging.getLogger("promptcache.tiers")
 LOAD_POLICIES = ("auto", "always")
 _EWMA = 0.2  # weight of the newest observation in the load / recompute rate estimates
+_WARMUP = 2  # first observations ignored: a fresh engine's first passes are slow (allocation, lazy init)
+READ_SECONDS_PER_BLOCK = 0.002  # the deadline grows with the run: 128 blocks (2,048 tokens) get 0.26 s more
 
 
 @dataclass
@@ -45,7 +48,7 @@ class TierOptions:
     disk_cache_gb: float = 10.0
     redis_url: str | None = None  # redis://host:port/db, rediss://..., unix://..., redis+cluster://host:port
     redis_ttl: float = 86400.0  # seconds an entry lives in Redis after its last write (pins extend it)
-    read_timeout: float = 0.5  # the read deadline of a lower tier, per load
+    read_timeout: float = 1.0  # the read deadline of a lower tier, plus READ_SECONDS_PER_BLOCK per block read
     write_queue_gb: float = 0.25  # KV bytes waiting for the writer thread, at most
     load_policy: str = "auto"  # "auto": load a run only when measured faster than recomputing it; "always"
 
@@ -88,9 +91,11 @@ class _Rate:
 
     value: float | None = None
     skipped_in_a_row: int = 0
+    observed: int = 0
 
     def observe(self, seconds: float, units: int) -> None:
-        if units > 0:
+        self.observed += 1
+        if units > 0 and self.observed > _WARMUP:
             rate = seconds / units
             self.value = rate if self.value is None else (1 - _EWMA) * self.value + _EWMA * rate
 
@@ -140,6 +145,13 @@ class TierStack:
         self._writer = threading.Thread(target=self._write_loop, name="pc-tier-write", daemon=True)
         if self._queued:
             self._writer.start()
+            # NOTE: a process that exits without close() must not kill the writer inside a write (torch aborts):
+            # finish the queue (bounded) and stop the thread first.
+            atexit.register(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        self.flush(timeout=10.0)
+        self._stop_writer()
 
     # ---- reads (engine thread) -----------------------------------------------------------------------------
     def lookup(self, hashes: Sequence[BlockHash]) -> TierPlan:
@@ -170,8 +182,13 @@ class TierStack:
             rate.skipped_in_a_row += 1
             if rate.skipped_in_a_row < 16:
                 found = TierPlan(found.hashes[:keep], found.sources[:keep], why)
-        for tier in {id(t): t for t in found.sources}.values():
-            tier.touch([h for h, s in zip(found.hashes, found.sources) if s is tier])
+        for tier in self.tiers:
+            mine = [h for h, s in zip(found.hashes, found.sources) if s is tier]
+            tier.touch(mine)
+            if tier.stores_inline:
+                # NOTE: allocating the device blocks for this load spills evicted blocks into this tier; they must
+                # not push out the very entries about to be loaded.
+                tier.hold(mine)
         return found
 
     def worth_loading(self, found: TierPlan, block_size: int) -> tuple[int, str | None]:
@@ -224,6 +241,7 @@ class TierStack:
             if not tier.stores_inline:  # I/O: in the read pool, under the deadline
                 futures[name] = (self._reader.submit(tier.load, [plan.hashes[i] for i in idx]), time.perf_counter())
         n_ok = len(plan)
+        deadline = self.options.read_timeout + READ_SECONDS_PER_BLOCK * len(plan)
         for name, (tier, idx) in groups.items():
             if tier.stores_inline:
                 start = time.perf_counter()
@@ -232,11 +250,11 @@ class TierStack:
             else:
                 fut, start = futures[name]
                 try:
-                    got = fut.result(timeout=max(0.0, self.options.read_timeout - (time.perf_counter() - start)))
+                    got = fut.result(timeout=max(0.0, deadline - (time.perf_counter() - start)))
                     self._load_rate[name].observe(time.perf_counter() - start, len(idx))
                 except FutureTimeout:
                     tier.counters.error("timeout")
-                    self._load_rate[name].observe(self.options.read_timeout, len(idx))
+                    self._load_rate[name].observe(deadline, len(idx))
                     got = [None] * len(idx)
                 except Exception:  # a tier must not fail a request: whatever went wrong is a miss
                     log.exception("reading the %s tier failed", name)
@@ -247,6 +265,8 @@ class TierStack:
                 if kv is None:
                     n_ok = min(n_ok, i)
             self._load_rate[name].skipped_in_a_row = 0
+        for tier in self._inline:
+            tier.hold(())
         for i, kv in enumerate(loaded):
             if kv is None:  # lost below (corrupt, late, gone): when recomputed, it is written down again
                 self._sent_below.discard(plan.hashes[i])
@@ -393,14 +413,18 @@ class TierStack:
             "recompute_seconds_per_token": self.recompute_rate.value,
         }
 
-    def close(self) -> None:
-        """Finish queued writes, stop the threads, close every tier."""
-        self.flush()
+    def _stop_writer(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify_all()
         if self._writer.is_alive():
             self._writer.join(timeout=10)
+
+    def close(self) -> None:
+        """Finish queued writes, stop the threads, close every tier."""
+        self.flush()
+        self._stop_writer()
+        atexit.unregister(self._close_at_exit)
         self._reader.shutdown(wait=False, cancel_futures=True)
         for t in self.tiers:
             t.close()
