@@ -165,3 +165,13 @@ class LLM:
     def cache_stats(self) -> dict[str, int | float | str]:
         """The KV cache's blocks (free / cached / in use / pinned), hits, evictions and preemptions."""
         return self.engine.cache_stats()
+
+    def close(self) -> None:
+        """Finish pending writes to the cache tiers (disk, Redis) and release them; the LLM is not used after."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -230,10 +230,9 @@ def test_no_tier_serves_one_namespace_the_blocks_of_another(make_llm, tmp_path, 
 
 
 # ---- restart ----------------------------------------------------------------------------------------------------
-def test_a_new_engine_on_the_same_directory_serves_the_prefix_from_disk(make_llm, cold, tmp_path) -> None:
-    first = make_llm(disk_cache_dir=str(tmp_path))
-    run(first, PROMPT)
-    first.engine.close()
+def test_a_new_engine_on_the_same_directory_serves_the_prefix_from_disk(varied_model, make_llm, cold, tmp_path):
+    with LLM(model=str(varied_model), num_kv_blocks=24, disk_cache_dir=str(tmp_path)) as first:
+        run(first, PROMPT)  # leaving the block finishes the queued disk writes
     second = make_llm(disk_cache_dir=str(tmp_path))
     out = run(second, PREFIX + ids(5, 5))
     assert out.cached_tokens_by_tier == {"disk": len(PREFIX)}
