@@ -66,7 +66,8 @@ class Metrics:
         self.kv_usage.set(stats["blocks_in_use"] / stats["num_blocks"])
         self.evictions.set(stats["evictions"])
         self.preemptions.set(stats["preemptions"])
-        self.tiers.snapshot = tiers
+        if tiers is not None:
+            self.tiers.snapshot = tiers
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

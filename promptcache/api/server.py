@@ -100,7 +100,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        stats = await service.cache_stats()
+        stats = await service.cache_stats(tiers=False)
         return {"status": "ok", "model": service.model_name, "requests": engine.num_waiting_or_running,
                 "blocks_in_use": stats["blocks_in_use"]}  # fmt: skip
 

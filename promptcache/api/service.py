@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import time
@@ -215,7 +216,10 @@ class Service:
             cached_tokens_by_tier=dict(out.cached_tokens_by_tier),
         )
 
-    async def cache_stats(self) -> dict[str, Any]:
-        stats, tiers = await self.engine.call_async(lambda e: (e.cache_stats(), e.tier_stats()))
-        self.metrics.set_cache_state(stats, tiers)
-        return {**stats, "tiers": tiers}
+    async def cache_stats(self, tiers: bool = True) -> dict[str, Any]:
+        """The device pool's state (on the engine thread) and, with ``tiers``, the tiers' (off it: a Redis key
+        count can take a while, and the step loop must not wait for it)."""
+        stats = await self.engine.call_async(lambda e: e.cache_stats())
+        tier_stats = await asyncio.to_thread(self.engine.engine.tier_stats) if tiers else None
+        self.metrics.set_cache_state(stats, tier_stats)
+        return {**stats, "tiers": tier_stats}

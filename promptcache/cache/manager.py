@@ -123,10 +123,8 @@ class KVCacheManager:
             hit = self.match(seq, token_ids)
         n_plan = len(plan) if plan is not None else 0
         bs = self.block_size
-        # Cached blocks with ref 0 count as available to the pool; taking them is not taking new room.
-        idle_hits = sum(1 for b in hit if b.ref_count == 0)
-        need = self.blocks_for((len(hit) + n_plan) * bs + num_tokens) - len(hit)
-        if need > self.pool.num_available - idle_hits:
+        need = self._need(hit, n_plan * bs + num_tokens)
+        if need is None:
             return None
         self.pool.acquire(hit)
         self.pool.refresh_pins(hit)
@@ -148,9 +146,14 @@ class KVCacheManager:
     def fits(self, hit: list[Block], num_tokens: int) -> bool:
         """Whether the pool has room for a device hit plus ``num_tokens`` more tokens (what a plan from the tiers
         adds can only need more)."""
+        return self._need(hit, num_tokens) is not None
+
+    def _need(self, hit: list[Block], num_tokens: int) -> int | None:
+        """New blocks a device hit plus ``num_tokens`` more tokens take; None when the pool has fewer to give."""
+        # Cached blocks with ref 0 count as available to the pool; taking them is not taking new room.
         idle_hits = sum(1 for b in hit if b.ref_count == 0)
         need = self.blocks_for(len(hit) * self.block_size + num_tokens) - len(hit)
-        return need <= self.pool.num_available - idle_hits
+        return need if need <= self.pool.num_available - idle_hits else None
 
     def _origin(self, seq: SeqBlocks, token_ids: Sequence[int], i: int) -> tuple[BlockHash, tuple[int, ...]]:
         """Block ``i``'s parent address and tokens."""

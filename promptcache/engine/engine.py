@@ -242,11 +242,10 @@ class LLMEngine:
         for req, _ in batch.work:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
-        start = time.perf_counter()
         logits, sampled = self.runner.execute(batch.work)
         if self.tiers is not None and batch.num_tokens >= 4 * self.kv.block_size:
             # What a recomputed token costs here, against which loading a run from a lower tier is weighed.
-            self.tiers.recompute_rate.observe(time.perf_counter() - start, batch.num_tokens)
+            self.tiers.recompute_rate.observe(time.perf_counter() - now, batch.num_tokens)
         prompt_blocks_of = self.kv.block_size
         for req, n in batch.work:
             req.num_computed += n
@@ -385,7 +384,8 @@ class LLMEngine:
         }
 
     def tier_stats(self) -> dict[str, object] | None:
-        """Every lower tier's counters, sizes and latency histograms (None: no tiers)."""
+        """Every lower tier's counters, sizes and latency histograms (None: no tiers). Safe from any thread (a
+        Redis key count is a SCAN: callers keep it off the engine thread)."""
         return None if self.tiers is None else self.tiers.stats()
 
     def check_integrity(self, deep: bool = False) -> dict[str, list[str]]:

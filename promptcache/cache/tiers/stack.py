@@ -73,6 +73,7 @@ class TierPlan:
     hashes: list[BlockHash]
     sources: list[Tier]
     skipped: str | None = None  # why a run found below is recomputed instead of loaded (for explain)
+    missing: list[BlockHash] = field(default_factory=list)  # looked-up addresses that no tier holds
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -165,14 +166,15 @@ class TierStack:
                 if present:
                     sources[i] = tier
         run = next((i for i, s in enumerate(sources) if s is None), len(sources))
-        for h, s in zip(hashes, sources):
-            if s is None:  # no tier has it (dropped write, eviction, a Redis restart): write it when computed again
-                self._sent_below.discard(h)
-        return TierPlan(list(hashes[:run]), [s for s in sources[:run] if s is not None])
+        return TierPlan(list(hashes[:run]), [s for s in sources[:run] if s is not None], missing=[
+            h for h, s in zip(hashes, sources) if s is None
+        ])  # fmt: skip
 
     def plan(self, hashes: Sequence[BlockHash], block_size: int) -> TierPlan:
         """``lookup``, cut to the prefix worth loading: measured load time against measured recompute time."""
         found = self.lookup(hashes)
+        for h in found.missing:  # no tier has it (dropped write, eviction, a Redis restart): write it when computed
+            self._sent_below.discard(h)
         if not found:
             return found
         keep, why = self.worth_loading(found, block_size)
@@ -409,7 +411,7 @@ class TierStack:
             "write_queue_blocks": queued,
             "write_queue_bytes": self._queue_bytes,
             "dropped_writes": self.dropped_writes,
-            "pinned_blocks": sum(1 for t in self._pins.values() if t > time.time()),
+            "pinned_blocks": sum(1 for t in self._pins.copy().values() if t > time.time()),  # copy: other threads
             "recompute_seconds_per_token": self.recompute_rate.value,
         }
 
