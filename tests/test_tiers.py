@@ -274,6 +274,7 @@ def test_a_damaged_disk_entry_is_a_counted_miss_and_the_answer_is_right(make_llm
     assert victim.exists() and victim.read_bytes() != b""
     settle(llm)
     assert run(llm, prompt).cached_tokens_by_tier == {"disk": len(PREFIX)}
+    assert_clean(llm.engine)
 
 
 def test_a_truncated_redis_value_is_a_counted_miss_and_the_answer_is_right(make_llm, cold, redis_url) -> None:
@@ -290,6 +291,7 @@ def test_a_truncated_redis_value_is_a_counted_miss_and_the_answer_is_right(make_
     assert out.num_cached_tokens == 0
     assert out.token_ids == cold(prompt)
     assert tier(llm, "redis").counters.errors.get("corrupt", 0) >= 1
+    assert_clean(llm.engine)
 
 
 # ---- outages ----------------------------------------------------------------------------------------------------
@@ -319,6 +321,7 @@ def test_redis_stopping_mid_run_fails_no_request_and_it_is_used_again_once_back(
     out = run(llm, PREFIX + ids(5, 20))
     assert out.cached_tokens_by_tier == {"redis": len(PREFIX)}
     assert out.token_ids == cold(PREFIX + ids(5, 20))
+    assert_clean(llm.engine)
 
 
 def test_an_unwritable_disk_tier_is_a_miss_not_an_error(make_llm, cold, tmp_path) -> None:
@@ -332,6 +335,7 @@ def test_an_unwritable_disk_tier_is_a_miss_not_an_error(make_llm, cold, tmp_path
     out = run(llm, prompt)
     assert out.num_cached_tokens == 0
     assert out.token_ids == cold(prompt)
+    assert llm.engine.kv.pool.num_in_use == 0  # the failed reads left no block held
 
 
 # ---- pins -------------------------------------------------------------------------------------------------------
