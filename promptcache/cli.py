@@ -83,10 +83,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tier_read_timeout=args.tier_read_timeout, tier_load_policy=args.tier_load_policy,
     ))  # fmt: skip
     name = args.served_model_name or engine.model_name
-    config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices,
-                          response_cache=args.response_cache, max_waiting=args.max_waiting)  # fmt: skip
+    from promptcache.api.fleet_api import default_name
+
+    config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices, response_cache=args.response_cache,
+                          max_waiting=args.max_waiting, replica_name=args.replica_name or default_name(args.port),
+                          kv_events=not args.no_kv_events)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def cmd_router(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from promptcache.api.tenancy import Tenancy
+    from promptcache.fleet.router import RouterConfig, create_router_app
+
+    tenancy = Tenancy.from_options(args.api_key, args.api_keys_file, args.admin_key)
+    if tenancy.open and not _is_loopback(args.host, ipaddress):
+        print("promptcache: error: with no API keys the router binds to loopback only; "
+              "pass --api-keys-file to listen on " + args.host, file=sys.stderr)  # fmt: skip
+        return 2
+    weights = {}
+    for item in args.tier_weight:
+        tier, _, value = item.partition("=")
+        weights[tier] = float(value)
+    cfg = RouterConfig(
+        replicas=args.replica, redis_url=args.redis_url, policy=args.policy, tenancy=tenancy,
+        admin_key=args.replica_admin_key, decode_weight=args.decode_weight, affinity_tokens=args.affinity_tokens,
+        tier_weights=weights or None, health_interval=args.health_interval,
+    )  # fmt: skip
+    uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -180,8 +209,38 @@ def build_parser() -> argparse.ArgumentParser:
                             "miss and is recomputed")
     tiers.add_argument("--tier-load-policy", default="auto", choices=["auto", "always"],
                        help="auto: load a run from a lower tier only when measured faster than recomputing it")
+    fleet = srv.add_argument_group("fleet", "serving behind `promptcache router` (docs/fleet.md)")
+    fleet.add_argument("--replica-name", default=None,
+                       help="this replica's name in the fleet (default: HOST:PORT); unique among the replicas")
+    fleet.add_argument("--no-kv-events", action="store_true",
+                       help="with --redis-url, do not publish KV events (what this replica's caches hold) for routers")
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
+
+    rt = sub.add_parser("router", help="one endpoint in front of several `serve` replicas, routing by their caches")
+    rt.add_argument("--replica", action="append", required=True, metavar="URL",
+                    help="a replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
+    rt.add_argument("--redis-url", required=True,
+                    help="the Redis the replicas share (their --redis-url): KV events, loads, replay records")
+    rt.add_argument("--policy", default="cache", choices=["cache", "round-robin", "least-loaded"])
+    rt.add_argument("--host", default="127.0.0.1")
+    rt.add_argument("--port", type=int, default=8080)
+    rt.add_argument("--api-key", action="append", default=[], help="an accepted API key (as for serve)")
+    rt.add_argument("--api-keys-file", default=None, help="the same JSON file of key -> tenant as the replicas'")
+    rt.add_argument("--admin-key", action="append", default=[], help="an admin API key (as for serve)")
+    rt.add_argument("--replica-admin-key", default=None,
+                    help="the admin key the router uses for the replicas' fleet endpoints (default: the first admin "
+                         "key it knows)")  # fmt: skip
+    rt.add_argument("--decode-weight", type=float, default=16.0,
+                    help="what one running decode weighs in the load, in prefill tokens")
+    rt.add_argument("--affinity-tokens", type=float, default=256.0,
+                    help="the head start, in prefill tokens, of the replica a prompt_cache_key / user last went to")
+    rt.add_argument("--tier-weight", action="append", default=[], metavar="TIER=W",
+                    help="the share of a block's prefill a hit from TIER saves (device=1, host=0.8, disk=0.6, "
+                         "redis=0.5)")  # fmt: skip
+    rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    rt.add_argument("--log-level", default="info")
+    rt.set_defaults(func=cmd_router)
     for name, (_, help_text) in DELEGATED.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser

@@ -7,6 +7,7 @@ tokenize=False)``); ``tests/test_tokenizer.py`` checks that.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -72,6 +73,7 @@ class Tokenizer:
         self.bos_token_id: int | None = self._named_id("bos_token")
         self.eos_token_id: int | None = self._named_id("eos_token")
         self.pad_token_id: int | None = self._named_id("pad_token")
+        self._digest: str | None = None  # computed on first use: hashing the whole vocabulary takes a while
 
     # ----------------------------------------------------------------------------------------------- loading
 
@@ -120,6 +122,63 @@ class Tokenizer:
             eos_token_ids=eos_ids,
             model_max_length=max_len,
         )
+
+    # ----------------------------------------------------------------------------------------- serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything that defines this tokenizer, as JSON-serializable data (for :meth:`from_dict`).
+
+        A fleet router rebuilds a replica's exact tokenizer from this (sent over HTTP) to tokenize requests the
+        same way. Keys: ``tokenizer`` (the Rust tokenizer's JSON, as ``tokenizer.json`` holds it),
+        ``chat_templates``, ``special_tokens``, ``eos_token_ids``, ``model_max_length``.
+        """
+        return {
+            "tokenizer": self._tok.to_str(),
+            "chat_templates": dict(self.chat_templates),
+            "special_tokens": dict(self.special_tokens),
+            "eos_token_ids": list(self.eos_token_ids),
+            "model_max_length": self.model_max_length,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Tokenizer:
+        """The tokenizer that :meth:`to_dict` described (same ids, same chat text, same :meth:`digest`).
+
+        Raises:
+            ValueError: ``data`` is not such a description (a missing or mistyped field, an unreadable tokenizer).
+        """
+        if not isinstance(data, Mapping) or not isinstance(data.get("tokenizer"), str):
+            raise ValueError("a tokenizer description needs 'tokenizer': the Rust tokenizer's JSON as a string")
+        templates, special = data.get("chat_templates") or {}, data.get("special_tokens") or {}
+        eos_ids, max_len = data.get("eos_token_ids") or [], data.get("model_max_length")
+        # Checked here because the data may come over the network: a wrong type would fail later, far from here.
+        if not isinstance(templates, Mapping) or not all(isinstance(v, str) for v in templates.values()):
+            raise ValueError("a tokenizer description's 'chat_templates' must map names to template sources")
+        if not isinstance(special, Mapping) or not all(isinstance(v, str) for v in special.values()):
+            raise ValueError("a tokenizer description's 'special_tokens' must map names to token texts")
+        if not isinstance(eos_ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in eos_ids):
+            raise ValueError("a tokenizer description's 'eos_token_ids' must be a list of ids")
+        if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool)):
+            raise ValueError("a tokenizer description's 'model_max_length' must be an integer or null")
+        try:
+            rust = _RustTokenizer.from_str(data["tokenizer"])
+        except Exception as exc:  # the Rust side raises a plain Exception
+            raise ValueError(f"cannot read the tokenizer description's tokenizer: {exc}") from exc
+        return cls(rust, chat_templates=templates, special_tokens=special, eos_token_ids=eos_ids,
+                   model_max_length=max_len)  # fmt: skip
+
+    def digest(self) -> str:
+        """A SHA-256 (hex) of :meth:`to_dict`: two processes with equal digests tokenize and render alike.
+
+        The Rust tokenizer's JSON is parsed and written back with sorted keys, like the rest, so the digest does
+        not depend on how that JSON happens to be laid out.
+        """
+        if self._digest is None:  # a race computes it twice, to the same value: no lock needed
+            data = self.to_dict()
+            data["tokenizer"] = json.loads(data["tokenizer"])
+            canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            self._digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return self._digest
 
     # ------------------------------------------------------------------------------------------ text <-> ids
 

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from promptcache.api.errors import APIError
+from promptcache.api.prompts import normalize_messages
 from promptcache.api.service import Finished, Service
 from promptcache.api.tenancy import Tenant
 from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
@@ -80,48 +81,6 @@ def sampling_params(
         ignore_eos=body.ignore_eos,
         logprobs=logprobs,
     )
-
-
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """OpenAI messages -> what chat templates expect: text content, tool calls with parsed arguments."""
-    out = []
-    for i, msg in enumerate(messages):
-        role = msg.get("role")
-        if role not in ("system", "developer", "user", "assistant", "tool"):
-            raise APIError(400, f"messages[{i}].role must be system, user, assistant or tool; got {role!r}",
-                           param=f"messages[{i}].role")  # fmt: skip
-        content = msg.get("content")
-        if isinstance(content, list):
-            parts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") not in ("text", "input_text"):
-                    raise APIError(400, f"messages[{i}].content[{j}]: only text parts are supported",
-                                   param=f"messages[{i}].content")  # fmt: skip
-                parts.append(str(part.get("text", "")))
-            content = "".join(parts)
-        elif content is not None and not isinstance(content, str):
-            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
-        norm: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content or ""}
-        if role == "assistant" and msg.get("tool_calls"):
-            norm["tool_calls"] = [
-                {"type": "function", "id": c.get("id"), "function": {
-                    "name": c.get("function", {}).get("name"),
-                    "arguments": _parse_args(c.get("function", {}).get("arguments"))}}
-                for c in msg["tool_calls"]
-            ]  # fmt: skip
-        if role == "tool":
-            norm["tool_call_id"] = msg.get("tool_call_id")
-        out.append(norm)
-    return out
-
-
-def _parse_args(args: Any) -> Any:
-    if isinstance(args, str):
-        try:
-            return json.loads(args)
-        except json.JSONDecodeError:
-            return args
-    return args
 
 
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -236,7 +195,7 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
         tenant = authenticate(request)
         body = CompletionRequest.model_validate(await read_json(request))
         check_model(body.model)
-        prompts = _completion_prompts(service, body.prompt)
+        prompts = service.prompts.completion_prompts(body.prompt)
         if len(prompts) != 1 and body.stream:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -279,18 +238,6 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
 
 def _zero_cost(cost: dict[str, Any]) -> dict[str, Any]:
     return {**{k: 0.0 for k, v in cost.items() if isinstance(v, float)}, "currency": "USD", "response_cached": True}
-
-
-def _completion_prompts(service: Service, prompt: Any) -> list[list[int]]:
-    if isinstance(prompt, str):
-        return [service.text_ids(prompt)]
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return [list(prompt)]
-    if prompt and all(isinstance(p, str) for p in prompt):
-        return [service.text_ids(p) for p in prompt]
-    if prompt and all(isinstance(p, list) for p in prompt):
-        return [list(p) for p in prompt]
-    raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
 
 
 async def read_json(request: Request) -> dict[str, Any]:

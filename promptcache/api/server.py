@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,8 +13,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from promptcache.api import openai_api
+from promptcache.api import fleet_api, openai_api
 from promptcache.api.errors import APIError
+from promptcache.api.prompts import looks_anthropic
 from promptcache.api.service import Service
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine
@@ -30,23 +31,8 @@ class ServerConfig:
     prices: PriceTable = field(default_factory=lambda: PriceTable.preset("default"))
     response_cache: bool = False
     max_waiting: int = 1024
-
-
-# Builders of prompt ids for /v1/cache/explain, by API: (service, tenant, body) -> (ids, cache_salt).
-PromptBuilder = Callable[[Service, Tenant, dict[str, Any]], tuple[list[int], str | None]]
-
-
-def _openai_prompt(service: Service, tenant: Tenant, body: dict[str, Any]) -> tuple[list[int], str | None]:
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return service.text_ids(prompt), body.get("cache_salt")
-    if isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):  # token ids, as completions
-        return prompt, body.get("cache_salt")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "explain needs a request body with 'messages' (or a 'prompt': text or token ids)")
-    ids = service.chat_ids(tenant, openai_api.normalize_messages(messages), body.get("tools"))
-    return ids, body.get("cache_salt")
+    replica_name: str | None = None  # this server's name in a fleet (default: host-pid)
+    kv_events: bool = True  # with a Redis tier, publish KV events for fleet routers
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
@@ -54,17 +40,20 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     cfg = config or ServerConfig()
     service = Service(engine, cfg.served_model_name, cfg.tenancy, cfg.prices, cfg.response_cache)
     engine.max_waiting = cfg.max_waiting
-    builders: dict[str, PromptBuilder] = {"openai": _openai_prompt}
+    replica = fleet_api.Replica(service, cfg.replica_name or fleet_api.default_name(), cfg.kv_events)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
+        replica.start()
         yield
+        replica.close()
         engine.shutdown()
 
     app = FastAPI(title="promptcache", lifespan=lifespan)
     app.state.service = service
-    app.state.prompt_builders = builders
+    app.state.replica = replica
+    app.add_middleware(fleet_api.ReplicaHeaders, name=replica.name)
 
     def is_anthropic(request: Request) -> bool:
         return request.url.path.startswith("/v1/messages")
@@ -102,7 +91,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def health() -> dict[str, Any]:
         stats = await service.cache_stats(tiers=False)
         return {"status": "ok", "model": service.model_name, "requests": engine.num_waiting_or_running,
-                "blocks_in_use": stats["blocks_in_use"]}  # fmt: skip
+                "blocks_in_use": stats["blocks_in_use"], "replica": replica.name, "epoch": replica.epoch}  # fmt: skip
 
     @app.get("/v1/cache/integrity")
     async def cache_integrity(request: Request) -> dict[str, Any]:
@@ -131,12 +120,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     async def cache_explain(request: Request) -> dict[str, Any]:
         tenant = authenticate(request)
         body = await openai_api.read_json(request)
-        anthropic_shaped = "system" in body or _looks_anthropic(body)
-        api = body.get("api") or ("anthropic" if anthropic_shaped and "anthropic" in builders else "openai")
-        if api not in builders:
-            raise APIError(400, f"api must be one of {', '.join(builders)}")
-        ids, salt = builders[api](service, tenant, body)
-        info = await service.engine.call_async(lambda e: e.explain(ids, tenant.namespace(salt)))
+        anthropic_shaped = "system" in body or looks_anthropic(body)
+        api = body.get("api") or ("anthropic" if anthropic_shaped else "openai")
+        ids, salt = service.prompts.explain_ids(api, tenant.name, body)  # 400 for an unknown api
+        namespace = tenant.namespace(salt)
+        info = await service.engine.call_async(lambda e: e.explain(ids, namespace))
+        if body.get("addresses"):  # the block addresses looked up (a fleet router checks its own against them)
+            info["block_addresses"] = [h.hex() for h in service.engine.engine.kv.addresses(namespace, ids)]
         return {"api": api, **info}
 
     @app.post("/v1/cache/reset")
@@ -149,28 +139,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         body = await openai_api.read_json(request) if await request.body() else {}
         tiers, shared = bool(body.get("tiers") or body.get("shared")), bool(body.get("shared"))
         dropped = await service.engine.call_async(lambda e: e.reset_cache(tiers, shared))
+        if replica.publisher is not None:
+            replica.publisher.reset()  # routers rebuild their view of this replica from a snapshot
         return {"reset": True, "blocks_dropped": dropped["device"], "entries_dropped": dropped}
 
     app.include_router(openai_api.build_router(service, authenticate))
+    app.include_router(fleet_api.build_router(service, authenticate, replica))
     try:
         from promptcache.api import anthropic_api
     except ImportError:  # pragma: no cover - during development the Anthropic API may be absent
         anthropic_api = None  # type: ignore[assignment]
     if anthropic_api is not None:
         app.include_router(anthropic_api.build_router(service, authenticate))
-        builders["anthropic"] = anthropic_api.explain_prompt
     return app
-
-
-def _looks_anthropic(body: dict[str, Any]) -> bool:
-    """Anthropic bodies: cache_control anywhere, tools with an input_schema, or tool_use / tool_result blocks."""
-    if "cache_control" in body:
-        return True
-    if any(isinstance(t, dict) and "input_schema" in t for t in body.get("tools") or []):
-        return True
-    for msg in body.get("messages", []):
-        content = msg.get("content") if isinstance(msg, dict) else None
-        for b in content if isinstance(content, list) else []:
-            if isinstance(b, dict) and ("cache_control" in b or b.get("type") in ("tool_use", "tool_result")):
-                return True
-    return False

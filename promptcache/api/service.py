@@ -1,4 +1,4 @@
-"""What both APIs share: prompts from messages (with token-exact replay), running a request, usage and cost."""
+"""What both APIs share: prompts (through ``promptcache.api.prompts``), running a request, usage and cost."""
 
 from __future__ import annotations
 
@@ -9,19 +9,23 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from promptcache.api.errors import APIError
 from promptcache.api.metrics import Metrics
+from promptcache.api.prompts import PromptRenderer
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from promptcache.engine.request import RequestOutput, SamplingParams
 from promptcache.pricing import PriceTable, TokenUsage
-from promptcache.replay import ReplayStore, render_chat_ids, replay_ids
-from promptcache.tokenizer import ChatTemplateError
+from promptcache.replay import make_replay_store, replay_ids
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+# Per HTTP request: what the engine reported once the prompt was prefilled (``cached_tokens``), for the response's
+# headers (``fleet_api.ReplicaHeaders`` sets a fresh dict per request; a fleet router reads the header).
+RESPONSE_META: ContextVar[dict[str, Any] | None] = ContextVar("promptcache_response_meta", default=None)
 
 
 @dataclass
@@ -78,27 +82,33 @@ class Service:
         self.tenancy = tenancy
         self.prices = prices
         self.metrics = Metrics()
-        self.replay = ReplayStore(capacity=16384)
-        self.response_cache = ResponseCache() if response_cache else None
         core = engine.engine
+        # With a Redis tier, the replay records live in Redis too: a conversation's next turn may reach another
+        # replica (behind a router), which must render our answer as the ids we generated.
+        cfg = core.config
+        self.replay = make_replay_store(cfg.redis_url, core.fingerprint, cfg.redis_ttl, capacity=16384)
+        self.response_cache = ResponseCache() if response_cache else None
         self.tokenizer = core.tokenizer
         self.max_model_len = core.max_model_len
         self.block_size = core.kv.block_size
         self.vocab_size = core.model_config.vocab_size
+        # Prompt building lives apart from the engine so that a fleet router renders requests exactly as we do.
+        self.prompts = PromptRenderer(self.tokenizer, self.replay)
 
     # ---- prompts --------------------------------------------------------------------------------------------
     def chat_ids(
         self, tenant: Tenant, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> list[int]:  # fmt: skip
-        """Render a conversation with the chat template; our own earlier answers keep their generated ids."""
-        try:
-            return render_chat_ids(self.tokenizer, messages, self.replay, tenant.name, tools, add_generation_prompt)
-        except ChatTemplateError as err:
-            raise APIError(400, f"the chat template rejected the messages: {err}", param="messages") from err
+        """Render a conversation with the chat template; our own earlier answers keep their generated ids.
+
+        (:meth:`PromptRenderer.chat_ids` with the tenant's replay namespace.)
+        """
+        return self.prompts.chat_ids(tenant.name, messages, tools, add_generation_prompt)
 
     def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+        """The ids of a completion prompt's text (:meth:`PromptRenderer.text_ids`)."""
+        return self.prompts.text_ids(text)
 
     def check(self, ids: list[int], params: SamplingParams, max_tokens_param: str = "max_tokens") -> None:
         """Refuse, before queueing, a request the engine could not serve (400 with the reason)."""
@@ -149,6 +159,9 @@ class Service:
                 if first:
                     self.metrics.ttft.observe(now - start)
                     first = False
+                    meta = RESPONSE_META.get()
+                    if meta is not None:
+                        meta.setdefault("cached_tokens", out.num_cached_tokens)
                 elif out.new_token_ids:
                     self.metrics.itl.observe(now - last)
                 last = now

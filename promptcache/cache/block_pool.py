@@ -17,6 +17,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from promptcache.cache.events import DEVICE, KVEventSink
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, make_evictor
 from promptcache.cache.hashing import BlockHash, block_hash
 
@@ -65,6 +66,8 @@ class BlockPool:
         self.recently_evicted: OrderedDict[BlockHash, None] = OrderedDict()
         # Called with a cached block just before eviction reuses it (its KV is still intact): tiers copy it down.
         self.on_evict: Callable[[Block], None] | None = None
+        # Told every address the pool starts or stops holding (the fleet's KV events); None: nobody listens.
+        self.events: KVEventSink | None = None
 
     def now(self) -> float:
         """The pool's clock (pins are set and expire on it)."""
@@ -118,6 +121,10 @@ class BlockPool:
                 break
             out.append(blk)
         return out
+
+    def addresses(self) -> list[BlockHash]:
+        """Every address registered now (in use or cached): what a KV-event snapshot reports for the device."""
+        return list(self._index)
 
     # ---- reference counting -------------------------------------------------------------------------------
     def acquire(self, blocks: Iterable[Block]) -> None:
@@ -186,11 +193,15 @@ class BlockPool:
             return existing
         blk.block_hash, blk.parent_hash, blk.token_ids = h, parent, token_ids
         self._index[h] = blk
+        if self.events is not None:
+            self.events.stored(DEVICE, (h,))
         return blk
 
     def _unregister(self, blk: Block, evicted: bool = False) -> None:
         if blk.block_hash is not None:
             del self._index[blk.block_hash]
+            if self.events is not None:
+                self.events.removed(DEVICE, (blk.block_hash,))
             if evicted:
                 self.recently_evicted[blk.block_hash] = None
                 if len(self.recently_evicted) > 65536:

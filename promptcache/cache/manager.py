@@ -265,6 +265,13 @@ class KVCacheManager:
             why = "every full block is cached; the rest is a partial block (only full blocks are cached)"
         return {**out, "first_miss_token": n * bs, "first_miss_block": n, "reason": why}
 
+    def addresses(self, namespace: str, token_ids: Sequence[int]) -> list[BlockHash]:
+        """The addresses a lookup of ``token_ids`` walks: every full block but the one the last token needs."""
+        seq = self.new_seq(namespace)
+        usable = (len(token_ids) - 1) // self.block_size if len(token_ids) > 1 else 0
+        self._extend_hashes(seq, token_ids[: usable * self.block_size])
+        return seq.hashes
+
     def record_lookup(self, num_prompt_tokens: int, num_hit_tokens: int, by_tier: dict[str, int]) -> None:
         self.query_tokens += num_prompt_tokens
         self.hit_tokens += num_hit_tokens

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import psutil
 import torch
 
+from promptcache.cache.events import DEVICE, KVEventSink
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
+from promptcache.cache.hashing import BlockHash
 from promptcache.cache.manager import KVCacheManager
 from promptcache.cache.tiers.base import KVLayout
 from promptcache.cache.tiers.stack import TierOptions, TierStack, build_tier_stack
@@ -405,6 +407,24 @@ class LLMEngine:
         out = {"device": self.kv.pool.reset()}
         if tiers and self.tiers is not None:
             out.update(self.tiers.clear(shared))
+        return out
+
+    # ---- KV events (the fleet) -----------------------------------------------------------------------------
+    def attach_kv_events(self, sink: KVEventSink) -> None:
+        """Tell ``sink`` every address the device pool and each local tier start or stop holding from now on."""
+        self.kv.pool.events = sink
+        for tier in self.tiers.tiers if self.tiers is not None else []:
+            if not tier.shared:
+                tier.events = sink
+
+    def kv_addresses(self) -> dict[str, list[BlockHash]]:
+        """What the device pool and each local tier hold now, by tier (call on the engine thread: a KV-event
+        snapshot must see the pool between steps)."""
+        out = {DEVICE: self.kv.pool.addresses()}
+        for tier in self.tiers.tiers if self.tiers is not None else []:
+            held = tier.addresses()
+            if held is not None:
+                out[tier.name] = held
         return out
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ from typing import Protocol
 
 import torch
 
+from promptcache.cache.events import KVEventSink
 from promptcache.cache.hashing import BlockHash
 
 # Latency histogram buckets (seconds) for tier reads and writes; the API layer exports them to Prometheus.
@@ -134,6 +135,24 @@ class Tier(ABC):
     def __init__(self, layout: KVLayout):
         self.layout = layout
         self.counters = TierStats()
+        # Told every address this tier starts or stops holding (local tiers only; see cache/events.py).
+        self.events: KVEventSink | None = None
+
+    def addresses(self) -> list[BlockHash] | None:
+        """Every address held now, for a KV-event snapshot; None for a shared tier (it reports no events)."""
+        return None
+
+    def _stored(self, hashes: Sequence[BlockHash]) -> None:
+        if self.events is not None and hashes:
+            self.events.stored(self.name, hashes)
+
+    def _removed(self, hashes: Sequence[BlockHash]) -> None:
+        if self.events is not None and hashes:
+            self.events.removed(self.name, hashes)
+
+    def _cleared(self) -> None:
+        if self.events is not None:
+            self.events.cleared(self.name)
 
     @property
     def available(self) -> bool:

@@ -95,6 +95,7 @@ class DiskTier(Tier):
         self._pins.pop(h, None)
         if size is None:
             return False
+        self._removed((h,))
         self._size -= size
         try:
             self._path(h).unlink(missing_ok=True)
@@ -222,6 +223,7 @@ class DiskTier(Tier):
                 self._reserved -= size
                 self._size += size - self._index.pop(e.block_hash, 0)
                 self._index[e.block_hash] = size
+                self._stored((e.block_hash,))
                 if e.pin_until > 0:
                     self._pins[e.block_hash] = max(self._pins.get(e.block_hash, 0.0), e.pin_until)
                 c.stores += 1
@@ -266,7 +268,12 @@ class DiskTier(Tier):
                     self._path(h).unlink(missing_ok=True)
             except OSError:
                 self.counters.error("io")
+            self._cleared()
             return n
+
+    def addresses(self) -> list[BlockHash]:
+        with self._lock:
+            return list(self._index)
 
     def num_entries(self) -> int:
         """Entries indexed now."""

@@ -89,6 +89,7 @@ class HostTier(Tier):
                 self.slots[slot].copy_(e.kv)
                 self._index[e.block_hash] = slot
                 self._origin[e.block_hash] = (e.parent_hash, e.token_ids)
+                self._stored((e.block_hash,))
                 self.counters.stores += 1
                 self.counters.bytes_written += self.layout.nbytes
                 self.counters.write_latency.observe(time.perf_counter() - start)
@@ -111,6 +112,7 @@ class HostTier(Tier):
     def _drop(self, h: BlockHash) -> int:
         slot = self._index.pop(h)
         self._origin.pop(h, None)
+        self._removed((h,))
         return slot
 
     def evict(self, hashes: Sequence[BlockHash]) -> int:
@@ -126,7 +128,12 @@ class HostTier(Tier):
             self._origin.clear()
             self._pins.clear()
             self._free = list(range(self.num_slots - 1, -1, -1))
+            self._cleared()
             return n
+
+    def addresses(self) -> list[BlockHash]:
+        with self._lock:
+            return list(self._index)
 
     def num_entries(self) -> int:
         return len(self._index)

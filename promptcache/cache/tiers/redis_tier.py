@@ -11,27 +11,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 import torch
-from redis.backoff import NoBackoff
-from redis.cluster import RedisCluster
-from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.exceptions import ResponseError
 
 from promptcache.cache.hashing import BlockHash
 from promptcache.cache.tiers import format as kvformat
 from promptcache.cache.tiers.base import BlockEntry, KVLayout, Tier
+from promptcache.redis_link import RedisLink
 
-# Errors meaning Redis (or enough of the cluster) cannot be reached: the tier goes down until its retry time.
-_DOWN_ERRORS = (RedisConnectionError, RedisTimeoutError, ClusterError, RedisClusterException, OSError)
-_BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.5, 30.0
 _COUNT_CACHE_S = 2.0  # num_entries SCANs every key of ours: O(keys), so it is cached
 _BATCH = 1000  # keys per SCAN step and per pipeline in clear / check_integrity
-T = TypeVar("T")
 
 
 def _glob_escape(text: str) -> str:
@@ -48,97 +40,44 @@ class RedisTier(Tier):
     def __init__(self, layout: KVLayout, url: str, ttl_seconds: float = 86400, timeout: float = 0.5):
         super().__init__(layout)
         self.url, self.ttl_seconds, self.timeout = url, ttl_seconds, timeout
-        scheme, _, rest = url.partition("://")
-        self.cluster = scheme.endswith("+cluster")
-        self._plain_url = f"{scheme.removesuffix('+cluster')}://{rest}"
         self.prefix = f"pc:kv:{layout.fingerprint[:32]}:{layout.dtype_name}:bs{layout.block_size}:"
-        self._lock = threading.Lock()  # guards the client, the down state, the counters and the count cache
-        self._client: redis.Redis | RedisCluster | None = None
-        self._retry_at = 0.0  # monotonic time of the next attempt while down; 0.0 while up
-        self._backoff = 0.0
+        self._lock = threading.Lock()  # guards the counters and the count cache (the link guards its own state)
+        self.link = RedisLink(url, timeout, on_error=self._count_error)
+        self.cluster = self.link.cluster
         self._count = (float("-inf"), 0)  # (monotonic time, num_entries)
         self._expire_gt = True  # EXPIRE ... GT exists (Redis >= 7, Valkey); found out on first refusal
         # size_bytes estimate: the header of a block with 5-digit token ids, plus the KV bytes.
         probe = BlockEntry(bytes(32), bytes(32), (99_999,) * layout.block_size, torch.empty(0, dtype=layout.dtype))
         self._entry_bytes = len(kvformat.encode_header(probe, layout)) + layout.nbytes
 
-    # ---- connection and down state ---------------------------------------------------------------------------
-    def _conn(self) -> redis.Redis | RedisCluster:
-        with self._lock:
-            if self._client is None:
-                # No redis-py retries (its default sleeps up to 1 s between ten of them): a late or failed command is
-                # a miss now, and the tier's own backoff decides when Redis is tried again.
-                opts: dict[str, Any] = dict(
-                    socket_timeout=self.timeout, socket_connect_timeout=self.timeout, retry=Retry(NoBackoff(), 0)
-                )
-                # RedisCluster reads the slot map as it is made, so it is made here on first use, not in __init__.
-                cls = RedisCluster if self.cluster else redis.Redis
-                self._client = cls.from_url(self._plain_url, **opts)
-            return self._client
-
+    # ---- connection and down state (kept by the link) ---------------------------------------------------------
     @property
     def available(self) -> bool:
-        return self._retry_at == 0.0
+        return self.link.available
 
-    def _may_try(self) -> bool:
-        """Whether to use the network now: yes while up; while down, only past the retry time, after a PING."""
+    def _count_error(self, kind: str) -> None:
         with self._lock:
-            if self._retry_at == 0.0:
-                return True
-            if time.monotonic() < self._retry_at:
-                return False
-            self._retry_at = time.monotonic() + self._backoff  # other threads keep skipping while this one probes
-        try:
-            self._conn().ping()  # redis-py reconnects a pooled connection whose server went away (a restart)
-        except (*_DOWN_ERRORS, RedisError) as err:
-            self._down(err)
-            return False
-        with self._lock:
-            self._retry_at, self._backoff = 0.0, 0.0
-        return True
+            self.counters.error(kind)
 
-    def _down(self, err: BaseException) -> None:
-        with self._lock:
-            self._backoff = min(self._backoff * 2, _BACKOFF_MAX_S) if self._backoff else _BACKOFF_FIRST_S
-            self._retry_at = time.monotonic() + self._backoff
-            self.counters.error("timeout" if isinstance(err, (RedisTimeoutError, TimeoutError)) else "unavailable")
-            # A cluster client is rebuilt from its seed when next needed: the nodes may have moved meanwhile.
-            if self.cluster and self._client is not None:
-                self._client.close()
-                self._client = None
+    # Views of the link's backoff state, kept from when the tier held it: its tests read them and move the retry time.
+    @property
+    def _backoff(self) -> float:
+        return self.link._backoff
 
-    def _attempt(self, op: Callable[[], T]) -> T | None:
-        """``op()``, or None when Redis failed (an unreachable Redis marks the tier down); never raises."""
-        try:
-            return op()
-        except _DOWN_ERRORS as err:
-            self._down(err)
-        except RedisError:  # refused, not unreachable (e.g. a read-only replica): this call fails, the tier stays up
-            with self._lock:
-                self.counters.error("io")
-        return None
+    @property
+    def _retry_at(self) -> float:
+        return self.link._retry_at
+
+    @_retry_at.setter
+    def _retry_at(self, at: float) -> None:
+        self.link._retry_at = at
 
     def _key(self, h: BlockHash) -> str:
         return self.prefix + h.hex()
 
-    def _pipelined(self, command: Callable[[Any, str], object], keys: Sequence[str]) -> list[Any]:
-        """One command per key in one round trip. On a cluster, redis-py's pipeline groups the commands per node
-        and writes every node's batch before reading any reply: still one round trip, spread over the nodes."""
-        pipe = self._conn().pipeline(transaction=False)
-        for key in keys:
-            command(pipe, key)
-        results = pipe.execute(raise_on_error=False)  # a refused command answers its own exception, not the batch's
-        down = next((r for r in results if isinstance(r, _DOWN_ERRORS)), None)
-        if down is not None:
-            raise down  # an unreachable node answered for its commands: the tier is down, not one command refused
-        return results
-
-    def _nodes(self) -> list[redis.Redis]:
-        """A client per primary (SCAN walks one node's keys only)."""
-        client = self._conn()
-        if isinstance(client, RedisCluster):
-            return [client.get_redis_connection(node) for node in client.get_primaries()]
-        return [client]
+    def _each(self, command: Callable[[Any, str], object], keys: Sequence[str]) -> list[Any] | None:
+        """``command`` on every key in one round trip (``RedisLink.pipelined``); None when Redis failed."""
+        return self.link.attempt(lambda: self.link.pipelined(command, keys))
 
     def _own_keys(self, node: redis.Redis) -> Iterator[list[bytes]]:
         """This model's keys on ``node``, a SCAN step's batch at a time (SCAN never blocks Redis like KEYS)."""
@@ -150,19 +89,19 @@ class RedisTier(Tier):
 
     # ---- the Tier interface ----------------------------------------------------------------------------------
     def contains(self, hashes: Sequence[BlockHash]) -> list[bool]:
-        if not hashes or not self._may_try():
+        if not hashes or not self.link.may_try():
             return [False] * len(hashes)
-        found = self._attempt(lambda: self._pipelined(lambda p, k: p.exists(k), [self._key(h) for h in hashes]))
+        found = self._each(lambda p, k: p.exists(k), [self._key(h) for h in hashes])
         return [r == 1 for r in found] if found is not None else [False] * len(hashes)
 
     def load(self, hashes: Sequence[BlockHash]) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * len(hashes)
-        if not hashes or not self._may_try():
+        if not hashes or not self.link.may_try():
             with self._lock:
                 self.counters.misses += len(hashes)
             return out
         start = time.perf_counter()
-        values = self._attempt(lambda: self._pipelined(lambda p, k: p.get(k), [self._key(h) for h in hashes]))
+        values = self._each(lambda p, k: p.get(k), [self._key(h) for h in hashes])
         self.counters.read_latency.observe(time.perf_counter() - start)
         corrupt: list[str] = []
         read = 0
@@ -184,7 +123,7 @@ class RedisTier(Tier):
         if corrupt:
             # A bad value would fail every replica's reads: drop it. A replica may have rewritten it good meanwhile;
             # deleting that copy costs one recompute, never wrong KV.
-            self._attempt(lambda: self._pipelined(lambda p, k: p.delete(k), corrupt))
+            self._each(lambda p, k: p.delete(k), corrupt)
         return out
 
     def store(self, entries: Sequence[BlockEntry]) -> int:
@@ -193,7 +132,7 @@ class RedisTier(Tier):
         the blocks it carried, observed once per block."""
         if not entries:
             return 0
-        if not self._may_try():
+        if not self.link.may_try():
             with self._lock:
                 self.counters.error("dropped", len(entries))
             return 0
@@ -202,7 +141,7 @@ class RedisTier(Tier):
         ttl_ms = [max(1, int(max(self.ttl_seconds, e.pin_until - now) * 1000)) for e in entries]
         jobs = dict(zip((self._key(e.block_hash) for e in entries), zip(values, ttl_ms)))
         start = time.perf_counter()
-        results = self._attempt(lambda: self._pipelined(lambda p, k: p.set(k, jobs[k][0], px=jobs[k][1]), list(jobs)))
+        results = self._each(lambda p, k: p.set(k, jobs[k][0], px=jobs[k][1]), list(jobs))
         elapsed = time.perf_counter() - start
         if results is None:
             with self._lock:
@@ -221,33 +160,33 @@ class RedisTier(Tier):
     def pin(self, hashes: Sequence[BlockHash], until: float) -> None:
         """Extend the expiry of present blocks to ``until`` at least; never shortens one."""
         ms = int((until - time.time()) * 1000)
-        if not hashes or ms <= 0 or not self._may_try():
+        if not hashes or ms <= 0 or not self.link.may_try():
             return
         keys = [self._key(h) for h in hashes]
         if self._expire_gt:
-            done = self._attempt(lambda: self._pipelined(lambda p, k: p.pexpire(k, ms, gt=True), keys))
+            done = self._each(lambda p, k: p.pexpire(k, ms, gt=True), keys)
             if done is None or not any(isinstance(r, ResponseError) for r in done):
                 return
             self._expire_gt = False  # Redis < 7 refuses GT: read the TTLs and only lengthen them
-        ttls = self._attempt(lambda: self._pipelined(lambda p, k: p.pttl(k), keys)) or []
+        ttls = self._each(lambda p, k: p.pttl(k), keys) or []
         shorter = [k for k, t in zip(keys, ttls) if isinstance(t, int) and 0 <= t < ms]
         if shorter:
-            self._attempt(lambda: self._pipelined(lambda p, k: p.pexpire(k, ms), shorter))
+            self._each(lambda p, k: p.pexpire(k, ms), shorter)
 
     def evict(self, hashes: Sequence[BlockHash]) -> int:
-        if not hashes or not self._may_try():
+        if not hashes or not self.link.may_try():
             return 0
-        gone = self._attempt(lambda: self._pipelined(lambda p, k: p.delete(k), [self._key(h) for h in hashes]))
+        gone = self._each(lambda p, k: p.delete(k), [self._key(h) for h in hashes])
         return sum(r for r in gone or [] if isinstance(r, int))
 
     def clear(self) -> int:
         """Drop this model's keys (this fingerprint, dtype and block size) on every primary; others' stay."""
-        if not self._may_try():
+        if not self.link.may_try():
             return 0
 
         def run() -> int:
             n = 0
-            for node in self._nodes():
+            for node in self.link.nodes():
                 for keys in self._own_keys(node):
                     pipe = node.pipeline(transaction=False)
                     for key in keys:  # one DEL per key: a multi-key DEL across slots is refused by a cluster
@@ -255,7 +194,7 @@ class RedisTier(Tier):
                     n += sum(r for r in pipe.execute(raise_on_error=False) if isinstance(r, int))
             return n
 
-        n = self._attempt(run) or 0
+        n = self.link.attempt(run) or 0
         with self._lock:
             self._count = (float("-inf"), 0)
         return n
@@ -265,9 +204,9 @@ class RedisTier(Tier):
             at, n = self._count
             if time.monotonic() - at < _COUNT_CACHE_S:
                 return n
-        if not self._may_try():
+        if not self.link.may_try():
             return 0
-        n = self._attempt(lambda: sum(len(keys) for node in self._nodes() for keys in self._own_keys(node)))
+        n = self.link.attempt(lambda: sum(len(keys) for node in self.link.nodes() for keys in self._own_keys(node)))
         if n is None:
             return 0
         with self._lock:
@@ -285,12 +224,12 @@ class RedisTier(Tier):
     def check_integrity(self, deep: bool = False) -> list[str]:
         """Every key of ours has an expiry (else it would outlive every model change); ``deep``: every value
         decodes as the block its key names."""
-        if not self._may_try():
+        if not self.link.may_try():
             return ["redis unreachable"]
 
         def run() -> list[str]:
             problems: list[str] = []
-            for node in self._nodes():
+            for node in self.link.nodes():
                 for keys in self._own_keys(node):
                     pipe = node.pipeline(transaction=False)
                     for key in keys:
@@ -309,11 +248,8 @@ class RedisTier(Tier):
                                 problems.append(f"{name}: {err}")
             return problems
 
-        found = self._attempt(run)
+        found = self.link.attempt(run)
         return found if found is not None else ["redis unreachable"]
 
     def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
+        self.link.close()

@@ -1,0 +1,551 @@
+"""``promptcache router``: one OpenAI- and Anthropic-compatible endpoint in front of N ``promptcache serve`` replicas.
+
+For each request the router renders and tokenizes the prompt exactly as a replica would (the replicas' own tokenizer
+and chat template, token-exact replay from the shared Redis records, the tenant's namespace from its API key and
+``cache_salt``), computes the block addresses, and asks what each replica holds (its KV events) and what Redis
+holds. Then ``policy.py`` orders the replicas by cost and the request goes to the first that answers; one that
+cannot be reached, or answers busy, before the response starts is skipped for the next. Responses pass through
+unchanged, with headers naming the replica and the router's predicted cached tokens beside the replica's reported
+ones (``x-promptcache-replica``, ``x-promptcache-predicted-cached-tokens``, ``x-promptcache-cached-tokens``).
+
+State that must agree between router processes lives in Redis: the replicas' events, the load each router has
+dispatched (``load.py``), soft affinities and the replay records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import Receive, Scope, Send
+
+from promptcache.api.errors import APIError
+from promptcache.api.prompts import AnthropicPromptBody, looks_anthropic
+from promptcache.api.tenancy import Tenancy, Tenant
+from promptcache.cache.hashing import BlockHash
+from promptcache.fleet import keys
+from promptcache.fleet.events import EventFollower
+from promptcache.fleet.load import LoadBook, Ticket
+from promptcache.fleet.policy import Candidate, Load, Policy, make_policy
+from promptcache.fleet.replicas import FleetModel, Replica, ReplicaSet
+from promptcache.redis_link import RedisLink
+from promptcache.replay import make_replay_store
+
+log = logging.getLogger("promptcache.router")
+
+REPLICA_HEADER = "x-promptcache-replica"
+PREDICTED_HEADER = "x-promptcache-predicted-cached-tokens"
+REPORTED_HEADER = "x-promptcache-cached-tokens"  # set by the replica
+RETRY_STATUSES = frozenset({429, 502, 503, 504})  # busy or going away: another replica may serve it
+# Request headers a replica needs (auth, content type, the Anthropic version); hop-by-hop ones are not forwarded.
+FORWARDED = ("authorization", "x-api-key", "content-type", "accept", "anthropic-version", "anthropic-beta",
+             "openai-organization", "openai-project", "user-agent")  # fmt: skip
+PASSED_BACK = ("content-type", "retry-after", "cache-control", REPORTED_HEADER)
+ROUTED = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
+
+
+@dataclass
+class RouterConfig:
+    replicas: list[str]
+    redis_url: str
+    policy: str = "cache"
+    tenancy: Tenancy = field(default_factory=Tenancy)
+    admin_key: str | None = None  # for the replicas' fleet endpoints (default: the first admin key of tenancy)
+    router_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    decode_weight: float = 16.0
+    affinity_tokens: float = 256.0
+    tier_weights: dict[str, float] | None = None
+    affinity_ttl: float = 3600.0
+    pending_ttl: float = 30.0  # a dispatched prompt counts as held by its replica until its events say so
+    health_interval: float = 1.0
+    connect_timeout: float = 2.0
+    read_timeout: float = 600.0
+
+
+@dataclass
+class Decision:
+    """Where a request goes: the replicas in order, and what the router predicts for each."""
+
+    order: list[Candidate]
+    prompt_tokens: int = 0
+    hashes: list[BlockHash] = field(default_factory=list)
+    affinity_key: str | None = None
+    forced: bool = False
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"replica": c.name, "cost": round(c.cost, 1), "predicted_cached_tokens": c.cached_tokens,
+                 "predicted_cached_tokens_by_tier": c.cached_by_tier, "load": vars(c.load)}
+                for c in self.order]  # fmt: skip
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("promptcache_router_requests", "Requests by replica and outcome",
+                                ["replica", "outcome"], registry=r)  # fmt: skip
+        self.predicted = Counter("promptcache_router_predicted_cached_tokens", "Cached tokens the router predicted",
+                                 ["replica"], registry=r)  # fmt: skip
+        self.reported = Counter("promptcache_router_reported_cached_tokens", "Cached tokens the replicas reported",
+                                ["replica"], registry=r)  # fmt: skip
+        self.error = Histogram("promptcache_router_prediction_error_tokens", "|predicted - reported| cached tokens",
+                               buckets=TOKEN_BUCKETS, registry=r)  # fmt: skip
+        self.retries = Counter("promptcache_router_retries", "Requests sent to another replica, by reason",
+                               ["reason"], registry=r)  # fmt: skip
+        self.decision_seconds = Histogram("promptcache_router_decision_seconds", "Time to decide a request's replica",
+                                          registry=r)  # fmt: skip
+        self.up = Gauge("promptcache_router_replica_up", "1 while in the rotation", ["replica"], registry=r)
+        self.load = Gauge("promptcache_router_load", "Load per replica (all routers)", ["replica", "kind"], registry=r)
+        self.index = Gauge("promptcache_router_index_blocks", "Blocks a replica holds, as the router knows",
+                           ["replica", "tier"], registry=r)  # fmt: skip
+        self.resyncs = Gauge("promptcache_router_resyncs", "Snapshots taken per replica, by reason",
+                             ["replica", "reason"], registry=r)  # fmt: skip
+
+
+class _Relay(StreamingResponse):
+    """A streamed answer whose ``on_close`` runs however the stream ends: finished, failed or the client gone."""
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int, headers: dict[str, str],
+                 on_close: Callable[[], Awaitable[None]]):  # fmt: skip
+        super().__init__(content, status_code=status_code, headers=headers)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+def _is_anthropic(path: str) -> bool:
+    return path.startswith("/v1/messages")
+
+
+def error_event(path: str, message: str) -> bytes:
+    """A failed stream's last event, in the format of the API being streamed."""
+    if _is_anthropic(path):
+        body = {"type": "error", "error": {"type": "api_error", "message": message}}
+        return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
+    body = {"error": {"message": message, "type": "server_error", "param": None, "code": "replica_failed"}}
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+class Router:
+    """The router's state: replicas, what they hold, their load, and the policy; ``handle`` serves one request."""
+
+    def __init__(self, cfg: RouterConfig):
+        if not cfg.replicas:
+            raise ValueError("the router needs at least one --replica URL")
+        self.cfg = cfg
+        self.link = RedisLink(cfg.redis_url, timeout=0.5)
+        admin = cfg.admin_key or next((k for k, t in cfg.tenancy.keys.items() if t.admin), None)
+        if not cfg.tenancy.open and admin is None:
+            raise ValueError("the router needs an admin key (--admin-key, or an admin in --api-keys-file) to read "
+                             "the replicas' fleet endpoints")  # fmt: skip
+        self.admin_headers = {"authorization": f"Bearer {admin}"} if admin else {}
+        check_tenant = cfg.tenancy.resolve(self.admin_headers) if admin else Tenant("local", admin=True)
+        self.replicas = ReplicaSet(cfg.replicas, self.admin_headers, check_tenant,
+                                   lambda fp: make_replay_store(cfg.redis_url, fp), cfg.health_interval)  # fmt: skip
+        self.replicas.on_join = self._joined
+        self.follower = EventFollower(self.link, self.replicas.snapshot)
+        self.loads: LoadBook | None = None
+        self.policy: Policy = make_policy(cfg.policy, cfg.decode_weight, cfg.tier_weights, cfg.affinity_tokens)
+        self.pending: dict[str, OrderedDict[BlockHash, float]] = {}
+        self.metrics = RouterMetrics()
+        timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)
+        self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1024,
+                                                                            max_keepalive_connections=64))  # fmt: skip
+
+    @property
+    def model(self) -> FleetModel | None:
+        return self.replicas.model
+
+    async def start(self) -> None:
+        self.follower.start()
+        await self.replicas.start()
+
+    async def close(self) -> None:
+        await self.replicas.close()
+        self.follower.close()
+        if self.loads is not None:
+            self.loads.close()
+        await self.client.aclose()
+        self.link.close()
+
+    def _joined(self, replica: Replica) -> None:
+        assert self.model is not None and replica.name is not None
+        if self.loads is None:
+            self.loads = LoadBook(self.link, self.model.scope, self.cfg.router_id)
+            self.loads.start()
+        self.follower.follow(replica.name, self.model.scope)
+        self.pending.setdefault(replica.name, OrderedDict())
+
+    # ---- the decision ----------------------------------------------------------------------------------------
+    def prompt_of(self, tenant: Tenant, path: str, body: dict[str, Any]) -> tuple[list[int], str | None] | None:
+        """The prompt ids a replica will run for this body, and its cache salt (None: the replica will refuse it,
+        or nothing to route on)."""
+        model = self.model
+        if model is None:
+            return None
+        r = model.renderer
+        try:
+            if path == "/v1/chat/completions":
+                return r.openai_chat_ids(tenant.name, body), body.get("cache_salt")
+            if path == "/v1/completions":
+                return r.completion_prompts(body["prompt"])[0], body.get("cache_salt")
+            if path == "/v1/messages":
+                return r.anthropic(tenant.name, AnthropicPromptBody.model_validate(body)).ids, body.get("cache_salt")
+            if path == "/v1/cache/explain":
+                api = body.get("api") or ("anthropic" if "system" in body or looks_anthropic(body) else "openai")
+                return r.explain_ids(api, tenant.name, body)
+        except Exception:  # bad input: the replica answers it with the right error; route it by load alone
+            return None
+        return None
+
+    def decide(self, tenant: Tenant, path: str, body: dict[str, Any], forced: str | None = None) -> Decision:
+        """Order the replicas for a request (blocking: Redis round trips; run it off the event loop)."""
+        start = time.perf_counter()
+        up = [r for r in self.replicas.up() if r.name is not None]
+        if forced is not None:
+            up = [r for r in up if forced in (r.name, r.url)]
+            if not up:
+                raise APIError(503, f"the replica {forced!r} is not in the rotation")
+        prompt = self.prompt_of(tenant, path, body) if self.model is not None else None
+        hashes: list[BlockHash] = []
+        n_prompt = 0
+        if prompt is not None:
+            assert self.model is not None
+            ids, salt = prompt
+            n_prompt = len(ids)
+            hashes = self.model.addresses(tenant.namespace(salt), ids)
+        in_redis = self._in_redis(hashes)
+        aff_key = self._affinity_key(body)
+        aff_replica = self._affinity(tenant, aff_key) if aff_key else None
+        now = time.monotonic()
+        candidates = []
+        for r in up:
+            assert r.name is not None
+            held = self.follower.tiers_of(r.name, hashes)
+            pending = self.pending.get(r.name, {})
+            tiers = [t if t is not None else ("pending" if pending.get(h, 0) > now else ("redis" if red else None))
+                     for h, t, red in zip(hashes, held, in_redis)]  # fmt: skip
+            load = self.loads.of(r.name) if self.loads is not None else Load()
+            candidates.append(Candidate(r.name, tiers, load, affinity=r.name == aff_replica))
+        order = self.policy.rank(candidates, n_prompt, self.model.block_size if self.model else 16)
+        self.metrics.decision_seconds.observe(time.perf_counter() - start)
+        return Decision(order, n_prompt, hashes, aff_key, forced is not None)
+
+    def _in_redis(self, hashes: list[BlockHash]) -> list[bool]:
+        model = self.model
+        if not hashes or model is None or model.kv_prefix is None or not self.link.may_try():
+            return [False] * len(hashes)
+        prefix = model.kv_prefix
+        found = self.link.attempt(lambda: self.link.pipelined(lambda p, k: p.exists(k), [prefix + h.hex()
+                                                                                      for h in hashes]))  # fmt: skip
+        return [r == 1 for r in found] if found is not None else [False] * len(hashes)
+
+    @staticmethod
+    def _affinity_key(body: dict[str, Any]) -> str | None:
+        meta = body.get("metadata")
+        key = body.get("prompt_cache_key") or body.get("user") or (meta.get("user_id") if isinstance(meta, dict)
+                                                                   else None)  # fmt: skip
+        return key if isinstance(key, str) and key else None
+
+    def _affinity(self, tenant: Tenant, key: str) -> str | None:
+        if self.model is None or not self.link.may_try():
+            return None
+        raw = self.link.attempt(lambda: self.link.client().get(keys.affinity(self.model.scope, tenant.name, key)))  # type: ignore[union-attr]
+        return raw.decode() if isinstance(raw, bytes) else None
+
+    def _remember(self, tenant: Tenant, decision: Decision, replica: str) -> None:
+        """After dispatch: the prompt's blocks are (soon) on that replica; the affinity key points there."""
+        if decision.hashes:
+            pending = self.pending.setdefault(replica, OrderedDict())
+            until = time.monotonic() + self.cfg.pending_ttl
+            for h in decision.hashes:
+                pending[h] = until
+                pending.move_to_end(h)
+            while len(pending) > 65536:
+                pending.popitem(last=False)
+        if decision.affinity_key and self.model is not None and self.link.may_try():
+            key = keys.affinity(self.model.scope, tenant.name, decision.affinity_key)
+            ttl_ms = int(self.cfg.affinity_ttl * 1000)
+            self.link.attempt(lambda: self.link.client().set(key, replica, px=ttl_ms))
+
+    # ---- forwarding ------------------------------------------------------------------------------------------
+    async def forward(
+        self, request: Request, path: str, body: bytes, tenant: Tenant, decision: Decision, runs: bool = True
+    ) -> Response:
+        """Send the request to the first replica in ``decision.order`` that takes it; nothing reaches the client
+        before a replica has answered its first bytes, so any earlier failure is retried on the next one. ``runs``: the
+        replica computes the prompt (not an explain), so its blocks are expected there next."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+        last = "no replica is up"
+        for n, cand in enumerate(decision.order):
+            replica = self.replicas.by_name(cand.name)
+            if replica is None or not replica.up:
+                continue
+            if n:
+                self.metrics.retries.labels("next_replica").inc()
+            ticket = self.loads.dispatch(cand.name, max(decision.prompt_tokens - cand.cached_tokens, 0)) if (
+                self.loads is not None) else None  # fmt: skip
+            ours = {REPLICA_HEADER: cand.name, PREDICTED_HEADER: str(cand.cached_tokens)}
+            try:
+                upstream = await self.client.send(
+                    self.client.build_request(request.method, replica.url + path, content=body, headers=headers,
+                                              params=request.query_params),
+                    stream=True,
+                )  # fmt: skip
+            except httpx.TransportError as err:
+                self._release(ticket)
+                self.replicas.failed(replica, f"unreachable: {type(err).__name__}")
+                self.metrics.requests.labels(cand.name, "unreachable").inc()
+                last = f"{replica.name}: {type(err).__name__}: {err}"
+                continue
+            if upstream.status_code in RETRY_STATUSES and n + 1 < len(decision.order) and not decision.forced:
+                await upstream.aclose()
+                self._release(ticket)
+                self.metrics.requests.labels(cand.name, f"retried_{upstream.status_code}").inc()
+                last = f"{replica.name}: HTTP {upstream.status_code}"
+                continue
+            try:
+                if upstream.headers.get("content-type", "").startswith("text/event-stream"):
+                    chunks = upstream.aiter_raw()
+                    first = await anext(chunks, b"")
+                else:
+                    first, chunks = await upstream.aread(), None
+            except httpx.TransportError as err:  # it died before the client saw a byte: the next one serves
+                await upstream.aclose()
+                self._release(ticket)
+                self.replicas.failed(replica, f"failed mid-request: {type(err).__name__}")
+                self.metrics.requests.labels(cand.name, "failed_before_start").inc()
+                last = f"{replica.name}: {type(err).__name__}"
+                continue
+            if runs and upstream.status_code < 400:
+                self._remember(tenant, decision, cand.name)
+            self._observe(cand, upstream)
+            out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_BACK}
+            out_headers.update(ours)
+            if chunks is None:
+                await upstream.aclose()
+                self._release(ticket)
+                self.metrics.requests.labels(cand.name, str(upstream.status_code)).inc()
+                return Response(first, status_code=upstream.status_code, headers=out_headers)
+            if ticket is not None and self.loads is not None:
+                self.loads.prefilled(ticket)
+            self.metrics.requests.labels(cand.name, str(upstream.status_code)).inc()
+            return _Relay(self._relay(path, replica, first, chunks), upstream.status_code, out_headers,
+                          lambda up=upstream, t=ticket: self._close_stream(up, t))  # type: ignore[misc]
+        raise APIError(503, f"no replica could serve the request: {last}", headers={"Retry-After": "1"})
+
+    async def _relay(
+        self, path: str, replica: Replica, first: bytes, chunks: AsyncIterator[bytes]
+    ) -> AsyncIterator[bytes]:
+        yield first
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except httpx.TransportError as err:  # the stream had started: end it with an error event, as the API does
+            self.replicas.failed(replica, f"failed mid-stream: {type(err).__name__}")
+            self.metrics.requests.labels(replica.name or replica.url, "failed_mid_stream").inc()
+            yield error_event(path, f"the replica serving this stream failed ({type(err).__name__}); retry the "
+                                    "request")  # fmt: skip
+
+    async def _close_stream(self, upstream: httpx.Response, ticket: Ticket | None) -> None:
+        self._release(ticket)  # first: nothing below may keep the load counted
+        try:
+            await upstream.aclose()  # a client gone: closing the upstream makes the replica abort the request
+        except Exception:  # closing a dead connection may fail any way; the load is released
+            log.debug("closing an upstream stream failed", exc_info=True)
+
+    def _release(self, ticket: Ticket | None) -> None:
+        if ticket is not None and self.loads is not None:
+            self.loads.finish(ticket)
+
+    def _observe(self, cand: Candidate, upstream: httpx.Response) -> None:
+        self.metrics.predicted.labels(cand.name).inc(cand.cached_tokens)
+        reported = upstream.headers.get(REPORTED_HEADER)
+        if reported is not None and reported.isdigit():
+            self.metrics.reported.labels(cand.name).inc(int(reported))
+            self.metrics.error.observe(abs(int(reported) - cand.cached_tokens))
+
+    # ---- fan-out to every replica ----------------------------------------------------------------------------
+    async def each(self, method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> dict[str, Any]:
+        """The same call on every replica in the rotation: name -> its JSON answer (or an error)."""
+
+        async def one(r: Replica) -> tuple[str, Any]:
+            try:
+                resp = await self.client.request(method, r.url + path, headers=headers, content=body)
+                return r.name or r.url, resp.json()
+            except (httpx.HTTPError, ValueError) as err:
+                return r.name or r.url, {"error": f"{type(err).__name__}: {err}"}
+
+        return dict(await asyncio.gather(*(one(r) for r in self.replicas.up())))
+
+    def state(self) -> dict[str, Any]:
+        views = self.follower.views()
+        replicas = []
+        for r in self.replicas.describe():
+            view = views.get(r["name"] or "")
+            r["index"] = None if view is None else {
+                "blocks": view.counts(), "synced": view.synced, "alive": view.alive, "epoch": view.epoch,
+                "seq": view.seq, "events_applied": view.events_applied, "resyncs": dict(view.resyncs)}  # fmt: skip
+            r["load"] = vars(self.loads.of(r["name"])) if self.loads is not None and r["name"] else None
+            r["load_own"] = vars(self.loads.own(r["name"])) if self.loads is not None and r["name"] else None
+            replicas.append(r)
+        model = self.model
+        return {"router": self.cfg.router_id, "policy": self.policy.name, "replicas": replicas,
+                "model": None if model is None else {"name": model.served_name, "fingerprint": model.fingerprint,
+                                                     "dtype": model.dtype, "block_size": model.block_size,
+                                                     "scope": model.scope},
+                "redis": {"available": self.link.available}}  # fmt: skip
+
+    def refresh_gauges(self) -> None:
+        views = self.follower.views()
+        for r in self.replicas.replicas:
+            name = r.name or r.url
+            self.metrics.up.labels(name).set(1 if r.up else 0)
+            if self.loads is not None and r.name:
+                load = self.loads.of(r.name)
+                self.metrics.load.labels(name, "prefill_tokens").set(load.prefill_tokens)
+                self.metrics.load.labels(name, "decodes").set(load.decodes)
+            view = views.get(r.name or "")
+            if view is not None:
+                for tier, n in view.counts().items():
+                    self.metrics.index.labels(name, tier).set(n)
+                for why, n in view.resyncs.items():
+                    self.metrics.resyncs.labels(name, why).set(n)
+
+
+# ---- the app -----------------------------------------------------------------------------------------------------
+def create_router_app(cfg: RouterConfig) -> FastAPI:
+    router = Router(cfg)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        yield
+        await router.close()
+
+    app = FastAPI(title="promptcache router", lifespan=lifespan)
+    app.state.router = router
+
+    def error_response(request: Request, err: APIError) -> JSONResponse:
+        body = err.anthropic_body() if _is_anthropic(request.url.path) else err.openai_body()
+        return JSONResponse(body, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, err: APIError) -> JSONResponse:
+        return error_response(request, err)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error routing %s", request.url.path)
+        return error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
+
+    def authenticate(request: Request) -> Tenant:
+        return cfg.tenancy.resolve(request.headers)
+
+    def admin(request: Request) -> Tenant:
+        tenant = authenticate(request)
+        if not tenant.admin:
+            raise APIError(403, "this needs an admin API key")
+        return tenant
+
+    async def routed(request: Request) -> Response:
+        path = request.url.path
+        tenant = authenticate(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw) if raw else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = {}  # the replica answers it with the right error
+        body = body if isinstance(body, dict) else {}
+        forced = request.headers.get(REPLICA_HEADER)
+        if forced is not None and not tenant.admin:
+            raise APIError(403, f"choosing the replica ({REPLICA_HEADER}) needs an admin API key")
+        decision = await asyncio.to_thread(router.decide, tenant, path, body, forced)
+        if not decision.order:
+            raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
+        return await router.forward(request, path, raw, tenant, decision)
+
+    for route in ROUTED:
+        app.add_api_route(route, routed, methods=["POST"], include_in_schema=True)
+
+    async def anywhere(request: Request) -> Response:
+        """Endpoints any replica answers alike: the least loaded one that is up."""
+        authenticate(request)
+        decision = await asyncio.to_thread(router.decide, Tenant("-"), request.url.path, {})
+        if not decision.order:
+            raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
+        return await router.forward(request, request.url.path, await request.body(), Tenant("-"), decision)
+
+    app.add_api_route("/v1/models", anywhere, methods=["GET"])
+    app.add_api_route("/v1/messages/count_tokens", anywhere, methods=["POST"])
+
+    @app.post("/v1/cache/explain")
+    async def explain(request: Request) -> Response:
+        """The replica the router would choose explains the prompt; the router adds its prediction for each."""
+        tenant = authenticate(request)
+        raw = await request.body()
+        body = json.loads(raw) if raw else {}
+        decision = await asyncio.to_thread(router.decide, tenant, "/v1/cache/explain", body)
+        resp = await router.forward(request, "/v1/cache/explain", raw, tenant, decision, runs=False)
+        if resp.status_code != 200:
+            return resp
+        answer = json.loads(bytes(resp.body))
+        answer["router"] = {"policy": router.policy.name, "replica": decision.order[0].name,
+                            "candidates": decision.describe()}  # fmt: skip
+        return JSONResponse(answer, headers={k: v for k, v in resp.headers.items() if k.startswith("x-promptcache")})
+
+    def forward_headers(request: Request) -> dict[str, str]:
+        return {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+
+    @app.get("/v1/cache/stats")
+    async def stats(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return {"replicas": await router.each("GET", "/v1/cache/stats", forward_headers(request)),
+                "router": router.state()}  # fmt: skip
+
+    @app.post("/v1/cache/reset")
+    async def reset(request: Request) -> dict[str, Any]:
+        admin(request)
+        answers = await router.each("POST", "/v1/cache/reset", forward_headers(request), await request.body())
+        return {"reset": all(a.get("reset") for a in answers.values()), "replicas": answers}
+
+    @app.get("/v1/cache/integrity")
+    async def integrity(request: Request) -> dict[str, Any]:
+        admin(request)
+        query = f"?{request.url.query}" if request.url.query else ""
+        answers = await router.each("GET", "/v1/cache/integrity" + query, forward_headers(request))
+        return {"ok": all(a.get("ok") for a in answers.values()), "replicas": answers}
+
+    @app.get("/v1/fleet")
+    async def fleet(request: Request) -> dict[str, Any]:
+        admin(request)
+        return router.state()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        up = len(router.replicas.up())
+        return JSONResponse({"status": "ok" if up else "unavailable", "replicas_up": up,
+                             "replicas": len(router.replicas.replicas)}, status_code=200 if up else 503)  # fmt: skip
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        router.refresh_gauges()
+        return Response(generate_latest(router.metrics.registry), media_type="text/plain; version=0.0.4")
+
+    return app
