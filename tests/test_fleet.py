@@ -239,6 +239,54 @@ def test_anthropic_requests_route_on_the_same_addresses(fleet) -> None:
     assert len(seen) == 1 and msg.usage.cache_read_input_tokens > 0
 
 
+def test_a_prompt_cache_key_keeps_unrelated_prompts_on_one_replica(fleet) -> None:
+    router, _, _, _ = fleet
+    client = router.client()
+
+    def replicas_for(**extra) -> set[str]:
+        seen = set()
+        for i in range(4):
+            _, headers = chat(client, [{"role": "user", "content": f"Unrelated question {i}: {i * 17} apples?"}],
+                              **extra)  # fmt: skip
+            seen.add(headers[REPLICA_HEADER])
+        return seen
+
+    assert len(replicas_for()) >= 2  # nothing in common: the load and the ties spread them
+    assert len(replicas_for(prompt_cache_key="conversation-7")) == 1
+
+
+def test_the_router_answers_every_endpoint_with_errors_in_each_apis_format(fleet) -> None:
+    router, replicas, _, _ = fleet
+    admin = {"Authorization": "Bearer key-admin"}
+    assert [m.id for m in router.client().models.list().data] == [MODEL]
+    claude = anthropic.Anthropic(base_url=router.url, api_key="key-bob", max_retries=0)
+    count = claude.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "Hello there"}])
+    assert count.input_tokens > 2
+    completion = router.client().completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
+    assert completion.usage.completion_tokens == 4
+    # Errors: the router's own (auth) and the replicas' (bad bodies), each in its API's format.
+    with pytest.raises(openai.AuthenticationError):
+        router.client("wrong-key").models.list()
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=router.url, api_key="wrong", max_retries=0).messages.create(
+            model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hi"}])  # fmt: skip
+    with pytest.raises(anthropic.BadRequestError, match="role"):
+        claude.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "robot", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        router.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    # Cache administration fans out to every replica.
+    stats = httpx.get(f"{router.url}/v1/cache/stats", headers=admin).json()
+    assert set(stats["replicas"]) == {r.name for r in replicas} and stats["router"]["policy"] == "cache"
+    integrity = httpx.get(f"{router.url}/v1/cache/integrity", headers=admin).json()
+    assert integrity["ok"] is True and len(integrity["replicas"]) == 3
+    assert httpx.post(f"{router.url}/v1/cache/reset", headers={"Authorization": "Bearer key-bob"}).status_code == 403
+    assert httpx.get(f"{router.url}/health").json() == {"status": "ok", "replicas_up": 3, "replicas": 3}
+    metrics = httpx.get(f"{router.url}/metrics").text
+    for name in ("promptcache_router_predicted_cached_tokens_total", "promptcache_router_reported_cached_tokens_total",
+                 "promptcache_router_replica_up", "promptcache_router_index_blocks"):  # fmt: skip
+        assert name in metrics
+
+
 def test_load_returns_to_zero_after_32_streams_with_4_disconnects(fleet) -> None:
     router, _, _, _ = fleet
 
@@ -307,23 +355,51 @@ def test_a_killed_replica_fails_no_request_that_had_not_started_streaming(fleet)
     router, replicas, _, _ = fleet
     victim = replicas[2]
     results: list[str] = []
+    stream_ends: list[str] = []
+    streaming = threading.Event()
 
     def ask(i: int) -> None:
-        client = router.client()
         try:
-            out, _ = chat(client, [{"role": "user", "content": f"Describe harbour number {i} in detail."}], 48)
+            question = [{"role": "user", "content": f"Describe harbour number {i} in detail."}]
+            out, _ = chat(router.client(), question, 400)
             results.append("ok" if out.choices[0].message.content is not None else "empty")
         except openai.APIError as err:
             results.append(f"error: {err}")
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
-    for t in threads:
+    def stream_on_victim() -> None:
+        pinned = openai.OpenAI(base_url=f"{router.url}/v1", api_key="key-admin", max_retries=0,
+                               default_headers={REPLICA_HEADER: victim.name})  # fmt: skip
+        stream = pinned.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Tell a very long story."}], max_tokens=3000,
+            temperature=0.0, stream=True, extra_body={"ignore_eos": True})  # fmt: skip
+        try:
+            for n, _ in enumerate(stream):
+                if n == 2:
+                    streaming.set()
+            stream_ends.append("finished")
+        except openai.APIError as err:
+            stream_ends.append(str(err))
+
+    def retries() -> float:
+        sample = router.core.metrics.registry.get_sample_value("promptcache_router_retries_total",
+                                                               {"reason": "next_replica"})  # fmt: skip
+        return sample or 0.0
+
+    before = retries()
+    threads = [threading.Thread(target=stream_on_victim)]
+    threads[0].start()
+    assert streaming.wait(30)
+    threads += [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+    for t in threads[1:]:
         t.start()
     time.sleep(0.5)
     victim.kill()
     for t in threads:
         t.join(timeout=120)
     assert results == ["ok"] * 12, results
+    # The stream it was serving had started: it ends with an error event, which the client raises.
+    assert len(stream_ends) == 1 and "replica" in stream_ends[0], stream_ends
+    assert retries() > before  # requests in flight on the victim were served elsewhere
     until(lambda: "r2" not in router.state()["up"], 10, "the dead replica leaves the rotation")
     _, headers = chat(router.client(), [{"role": "user", "content": "Still there?"}])
     assert headers[REPLICA_HEADER] in ("r0", "r1")

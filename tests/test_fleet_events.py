@@ -25,7 +25,7 @@ class Replica:
     """A publisher over a held-addresses table that stands for a replica's caches (device, disk)."""
 
     def __init__(self, url: str, name: str = "r1") -> None:
-        self.held: dict[str, set[BlockHash]] = {"device": set(), "disk": set()}
+        self.held: dict[str, set[BlockHash]] = {"device": set(), "host": set(), "disk": set()}
         self.pub = KVEventPublisher(RedisLink(url), SCOPE, name, flush_interval=0.01, heartbeat_interval=0.2)
         self.pub.start()
 
@@ -205,3 +205,28 @@ def test_round_robin_cycles_and_least_loaded_takes_the_idlest() -> None:
     assert [c.name for c in order] == ["b", "a"]
     with pytest.raises(ValueError, match="round-robin"):
         make_policy("random")
+
+
+def test_events_and_loads_work_on_a_redis_cluster(redis_cluster) -> None:
+    redis_cluster.flushall()
+    replicas = {"r1": Replica(redis_cluster.url), "r2": Replica(redis_cluster.url, name="r2")}
+    follower = EventFollower(RedisLink(redis_cluster.url), lambda name: replicas[name].snapshot(), block_ms=50)
+    follower.start()
+    books = [LoadBook(RedisLink(redis_cluster.url), SCOPE, f"router-{i}", sync_interval=0.05) for i in range(2)]
+    for b in books:
+        b.start()
+    try:
+        for name in replicas:
+            follower.follow(name, SCOPE)
+        replicas["r1"].store("device", 0)
+        replicas["r2"].store("host", 0)
+        until(lambda: follower.tiers_of("r1", [addr(0)]) == ["device"] and follower.tiers_of("r2", [addr(0)])
+              == ["host"])  # fmt: skip
+        books[0].dispatch("r2", 64)
+        until(lambda: books[1].of("r2") == Load(64, 1, 1))
+    finally:
+        for b in books:
+            b.close()
+        follower.close()
+        for r in replicas.values():
+            r.pub.close()

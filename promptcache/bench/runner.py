@@ -39,9 +39,10 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,6 +94,12 @@ class Record:
     e2e_s: float
     prompt_ids: list[int] | None = None  # None when the target returns no ids (an endpoint)
     output_ids: list[int] | None = None
+    # An endpoint behind `promptcache router` says which replica served the request and what the router predicted
+    # it would find cached there; promptcache's usage splits the cached tokens by tier. None where not reported.
+    replica: str | None = None  # the x-promptcache-replica response header
+    predicted_cached_tokens: int | None = None  # the x-promptcache-predicted-cached-tokens response header
+    cached_by_tier: dict[str, int] | None = None  # usage.cached_tokens_by_tier, e.g. {"device": 160, "redis": 32}
+    start_s: float | None = None  # when the request was sent, seconds after the run began (endpoint runs)
 
     def as_json(self) -> dict[str, Any]:
         """Every field but the id lists (they would dominate results.json)."""
@@ -586,6 +593,83 @@ def _v1(url: str) -> str:
     return url if url.endswith("/v1") else url + "/v1"
 
 
+# Response headers of `promptcache router` (promptcache.fleet.router), named here so that benchmarking an endpoint
+# needs no server-side imports.
+REPLICA_HEADER = "x-promptcache-replica"
+PREDICTED_HEADER = "x-promptcache-predicted-cached-tokens"
+
+
+def _int_header(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+def _endpoint_request(
+    client: Any,
+    model: str,
+    workload: Workload,
+    index: int,
+    s: int,
+    k: int,
+    answers: Sequence[str],
+    extra: dict[str, Any] | None,
+    t_run: float,
+) -> tuple[Record, str]:
+    """Send step ``k`` of session ``s`` (its history holding ``answers``, the session's earlier answers), streamed
+    with usage; returns its record and the answer's text (which goes into the session's next request)."""
+    session = workload.sessions[s]
+    step = session.steps[k]
+    kwargs: dict[str, Any] = {"tools": session.tools} if session.tools else {}
+    t0 = time.perf_counter()
+    # with_raw_response: the same streamed call, plus the response headers (a router's replica and prediction).
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=request_messages(session, k, answers),  # type: ignore[arg-type]
+        max_tokens=step.max_tokens,
+        temperature=0.0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=extra,
+        **kwargs,
+    )
+    headers = raw.headers
+    first = last = None
+    parts: list[str] = []
+    usage = None
+    with raw.parse() as stream:
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.content or delta.tool_calls:
+                    last = time.perf_counter()
+                    first = first or last
+                    parts.append(delta.content or "")
+    end = time.perf_counter()
+    n_out = usage.completion_tokens if usage else len(parts)
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    cached = getattr(details, "cached_tokens", None) if details is not None else None
+    by_tier = (getattr(usage, "model_extra", None) or {}).get("cached_tokens_by_tier") if usage else None
+    record = Record(
+        index=index,
+        session=s,
+        session_id=session.session_id,
+        step=k,
+        turn=k + 1,
+        prompt_tokens=usage.prompt_tokens if usage else 0,
+        cached_tokens=cached,
+        output_tokens=n_out,
+        ttft_s=(first or end) - t0,
+        tpot_s=(last - first) / (n_out - 1) if first is not None and last is not None and n_out > 1 else None,
+        e2e_s=end - t0,
+        replica=headers.get(REPLICA_HEADER),
+        predicted_cached_tokens=_int_header(headers.get(PREDICTED_HEADER)),
+        cached_by_tier={str(t): int(n) for t, n in by_tier.items()} if isinstance(by_tier, dict) else None,
+        start_s=t0 - t_run,
+    )
+    return record, "".join(parts)
+
+
 def run_endpoint(
     workload: Workload,
     url: str,
@@ -593,11 +677,34 @@ def run_endpoint(
     api_key: str | None = None,
     ignore_eos: bool = False,
     progress: bool = True,
+    *,
+    concurrency: int = 1,
+    request_timeout: float | None = None,
 ) -> RunResult:
-    """Any OpenAI-compatible server through the ``openai`` client: streamed chat completions with usage."""
+    """Any OpenAI-compatible server through the ``openai`` client: streamed chat completions with usage.
+
+    ``concurrency``: at most that many requests in flight, so at most that many sessions at once. Each session's
+    requests still go in order, each after the previous one has finished (its answer is in the next one's history);
+    a free slot takes the earliest request in the workload's arrival order whose session is ready. With 1, the
+    requests go one at a time in arrival order and ``wall_s`` is the sum of their end-to-end times (TTFT is never
+    queueing); above 1, ``wall_s`` is the wall-clock time of the whole run. ``request_timeout``: seconds per request
+    (None: the client's default).
+
+    Raises:
+        ValueError: ``concurrency`` below 1.
+        openai.APIError: a request failed (after the client's retries); the requests in flight are not awaited.
+    """
     import openai
 
-    client = openai.OpenAI(base_url=_v1(url), api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    key = api_key or os.environ.get("OPENAI_API_KEY") or "none"
+    timeout: dict[str, Any] = {} if request_timeout is None else {"timeout": request_timeout}
+
+    def new_client() -> openai.OpenAI:
+        return openai.OpenAI(base_url=_v1(url), api_key=key, **timeout)
+
+    client = new_client()
     if model is None:
         models = client.models.list().data
         if not models:
@@ -608,58 +715,74 @@ def run_endpoint(
     answers: dict[int, list[str]] = defaultdict(list)
     records: list[Record] = []
     bar = _progress(workload.num_requests(), f"{workload.name}: endpoint", progress)
-    for i, (s, k) in enumerate(workload.order):
-        session = workload.sessions[s]
-        step = session.steps[k]
-        kwargs: dict[str, Any] = {"tools": session.tools} if session.tools else {}
-        t0 = time.perf_counter()
-        stream = client.chat.completions.create(
-            model=model,
-            messages=request_messages(session, k, answers[s]),  # type: ignore[arg-type]
-            max_tokens=step.max_tokens,
-            temperature=0.0,
-            stream=True,
-            stream_options={"include_usage": True},
-            extra_body=extra,
-            **kwargs,
-        )
-        first = last = None
-        parts: list[str] = []
-        usage = None
-        for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta.content or delta.tool_calls:
-                    last = time.perf_counter()
-                    first = first or last
-                    parts.append(delta.content or "")
-        end = time.perf_counter()
-        text = "".join(parts)
-        answers[s].append(text)
-        n_out = usage.completion_tokens if usage else len(parts)
-        details = getattr(usage, "prompt_tokens_details", None) if usage else None
-        cached = getattr(details, "cached_tokens", None) if details is not None else None
-        records.append(
-            Record(
-                index=i,
-                session=s,
-                session_id=session.session_id,
-                step=k,
-                turn=k + 1,
-                prompt_tokens=usage.prompt_tokens if usage else 0,
-                cached_tokens=cached,
-                output_tokens=n_out,
-                ttft_s=(first or end) - t0,
-                tpot_s=(last - first) / (n_out - 1) if first is not None and last is not None and n_out > 1 else None,
-                e2e_s=end - t0,
-            )
-        )
-        bar.update(1)
+    t_run = time.perf_counter()
+    if concurrency == 1:
+        for i, (s, k) in enumerate(workload.order):
+            record, text = _endpoint_request(client, model, workload, i, s, k, answers[s], extra, t_run)
+            answers[s].append(text)
+            records.append(record)
+            bar.update(1)
+    else:
+        records = _run_concurrently(workload, concurrency, new_client, model, extra, t_run, bar)
+    wall_clock = time.perf_counter() - t_run
     bar.close()
-    info = {"url": url, "model": model, "ignore_eos": ignore_eos, "usage": all(r.prompt_tokens for r in records)}
-    return RunResult(ENDPOINT, records, sum(r.e2e_s for r in records), info)
+    info = {"url": url, "model": model, "ignore_eos": ignore_eos, "usage": all(r.prompt_tokens for r in records),
+            "concurrency": concurrency, "wall_clock_s": wall_clock}  # fmt: skip
+    wall = sum(r.e2e_s for r in records) if concurrency == 1 else wall_clock
+    return RunResult(ENDPOINT, records, wall, info)
+
+
+def _run_concurrently(
+    workload: Workload,
+    concurrency: int,
+    new_client: Callable[[], Any],
+    model: str,
+    extra: dict[str, Any] | None,
+    t_run: float,
+    bar: Any,
+) -> list[Record]:
+    """``run_endpoint``'s requests on ``concurrency`` threads, each with its own client; the records in arrival
+    order. Only this (the calling) thread touches the schedule and the answers, so they need no lock."""
+    import concurrent.futures as cf
+    import heapq
+
+    position = {sk: i for i, sk in enumerate(workload.order)}
+    # Sessions ready to send their next request, by that request's place in the arrival order.
+    ready = [(position[(s, 0)], s) for s, session in enumerate(workload.sessions) if session.steps]
+    heapq.heapify(ready)
+    next_step = [0] * len(workload.sessions)
+    answers: dict[int, list[str]] = defaultdict(list)
+    records: list[Record] = []
+    local = threading.local()
+
+    def send(index: int, s: int, k: int, history: list[str]) -> tuple[Record, str]:
+        if not hasattr(local, "client"):
+            local.client = new_client()  # one client (one connection pool) per worker thread
+        return _endpoint_request(local.client, model, workload, index, s, k, history, extra, t_run)
+
+    pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="bench-endpoint")
+    running: dict[cf.Future[tuple[Record, str]], int] = {}
+    try:
+        while ready or running:
+            while ready and len(running) < concurrency:
+                index, s = heapq.heappop(ready)
+                k = next_step[s]
+                running[pool.submit(send, index, s, k, list(answers[s]))] = s
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for future in done:
+                s = running.pop(future)
+                record, text = future.result()  # a failed request ends the run with its error
+                answers[s].append(text)
+                records.append(record)
+                bar.update(1)
+                next_step[s] += 1
+                if next_step[s] < len(workload.sessions[s].steps):
+                    heapq.heappush(ready, (position[(s, next_step[s])], s))
+    finally:
+        # On an error (or Ctrl-C) do not wait for the requests in flight: their own timeouts end them.
+        pool.shutdown(wait=not running, cancel_futures=True)
+    records.sort(key=lambda r: r.index)
+    return records
 
 
 # ---- the whole benchmark --------------------------------------------------------------------------------------
@@ -800,7 +923,7 @@ def run_bench(args: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
         if args.endpoint:
             runs[ENDPOINT] = run_endpoint(workload, args.endpoint, args.model, args.api_key, args.ignore_eos,
-                                          args.progress)  # fmt: skip
+                                          args.progress, concurrency=args.concurrency)  # fmt: skip
         else:
             runs[ENGINE_ON], runs[ENGINE_OFF] = run_engine_pair(workload, args.model, engine_args, args.progress)
             if not args.no_transformers:
@@ -884,6 +1007,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None, help="for --endpoint (default $OPENAI_API_KEY)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="for --endpoint: send ignore_eos (vLLM, promptcache): fixed output lengths")  # fmt: skip
+    parser.add_argument("--concurrency", type=int, default=1, metavar="N",
+                        help="for --endpoint: up to N requests (so N sessions) in flight at once, each session's "
+                        "turns still in order (default 1: one request at a time, TTFT is never queueing)")  # fmt: skip
     parser.add_argument("--model", default=None,
                         help="a GGUF file, HF folder or hub id (default: the default model); with --endpoint, "
                         "the served model name (default: the first of GET /v1/models)")  # fmt: skip
@@ -900,6 +1026,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(list(argv))
+    if args.concurrency < 1:
+        parser.error(f"--concurrency must be >= 1, got {args.concurrency}")
+    if args.concurrency > 1 and not args.endpoint:
+        parser.error("--concurrency applies to --endpoint only (the in-process targets run one request at a time)")
     try:
         args.sizes = parse_sizes(args.size, list(WORKLOADS) if args.workload == "all" else [args.workload], args.quick)
     except ValueError as e:
