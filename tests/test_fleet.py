@@ -351,6 +351,45 @@ def test_a_replica_with_another_model_is_refused(fleet) -> None:
         other.stop()
 
 
+def test_redis_going_away_fails_no_request_and_every_view_is_rebuilt_when_it_returns(fleet) -> None:
+    router, _, redis, _ = fleet
+    client = router.client()
+    messages = [{"role": "system", "content": "The harbour master keeps the tide tables. " * 8},
+                {"role": "user", "content": "When is high tide?"}]  # fmt: skip
+    redis.kill()
+    try:
+        for i in range(3):  # routed on the views and loads the router holds; the replicas miss their Redis tier
+            out, _ = chat(client, [*messages[:1], {"role": "user", "content": f"Tide question {i}?"}])
+            assert out.usage.completion_tokens == 8
+    finally:
+        redis.start()  # empty: no persistence; the events sent meanwhile are lost
+    # Events flow again; each replica's next message is numbered past what the router applied: a gap, a snapshot.
+    chat(client, messages)
+    until(lambda: sum(r["index"]["resyncs"].get("gap", 0) + r["index"]["resyncs"].get("heartbeat", 0)
+                      for r in router.state()["replicas"]) >= 1, 30, "a snapshot after the outage")  # fmt: skip
+    until(lambda: all(r["index"]["synced"] for r in router.state()["replicas"]), 30, "every view synced")
+    out, headers = chat(client, messages)
+    assert int(headers[PREDICTED_HEADER]) == out.usage.prompt_tokens_details.cached_tokens > 0
+
+
+def test_a_replica_that_computes_other_addresses_is_refused_by_the_address_check(fleet, varied_model) -> None:
+    _, replicas, redis, keys_file = fleet
+    config = keyed()
+    config.served_model_name = MODEL
+    odd = LiveServer(config, model=str(varied_model), redis_url=redis.url)  # the same model and tokenizer...
+    odd.core.kv._dtype = "float32"  # ...but its addresses are rooted otherwise (as a replica of another version)
+    try:
+        probe = Router([replicas[0].url, odd.url], redis.url, keys_file, up=1)
+        try:
+            until(lambda: any(r["state"] == "refused" for r in probe.state()["replicas"]), 15, "refusal")
+            refused = next(r for r in probe.state()["replicas"] if r["state"] == "refused")
+            assert "block addresses differ" in refused["reason"] and "text test vector" in refused["reason"]
+        finally:
+            probe.stop()
+    finally:
+        odd.stop()
+
+
 def test_a_killed_replica_fails_no_request_that_had_not_started_streaming(fleet) -> None:
     router, replicas, _, _ = fleet
     victim = replicas[2]

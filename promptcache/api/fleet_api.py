@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import uuid
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -29,8 +30,11 @@ CACHED_HEADER = b"x-promptcache-cached-tokens"
 
 
 def default_name(port: int | None = None) -> str:
-    """``host:port`` when the port is known (the CLI), else ``host-pid``: unique among the replicas of a fleet."""
-    return f"{socket.gethostname()}:{port}" if port else f"{socket.gethostname()}-{os.getpid()}"
+    """``host:port`` when the port is known (the CLI), else ``host-pid-random`` (several servers may share a
+    process): unique among the replicas of a fleet."""
+    if port:
+        return f"{socket.gethostname()}:{port}"
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 class ReplicaHeaders:

@@ -184,6 +184,7 @@ class ReplicaView:
     events_applied: int = 0
     resyncs: dict[str, int] = field(default_factory=dict)
     retry_at: float = 0.0  # monotonic time of the next snapshot attempt after a failed one
+    failed: int = 0  # snapshot attempts failed in a row (the wait doubles, up to 30 s)
     why: str = "join"  # why the view is not synced (the reason the next snapshot is counted under)
 
     def apply(self, events: list[list[Any]]) -> bool:
@@ -345,13 +346,12 @@ class EventFollower:
             view.forget(reason)
             view.resyncs[reason] = view.resyncs.get(reason, 0) + 1
         tail = self.link.attempt(lambda: self.link.client().xrevrange(view.stream, count=1))
-        if tail is None:
-            view.retry_at = time.monotonic() + 1.0
+        snap = self._snapshot(view.name) if tail is not None else None
+        if tail is None or snap is None:
+            view.failed += 1
+            view.retry_at = time.monotonic() + min(30.0, 0.5 * 2**view.failed)
             return
-        snap = self._snapshot(view.name)
-        if snap is None:
-            view.retry_at = time.monotonic() + 1.0
-            return
+        view.failed = 0
         with self._lock:
             view.last_id = tail[0][0] if tail else "0-0"
             view.load_snapshot(snap)

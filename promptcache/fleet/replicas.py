@@ -60,7 +60,7 @@ class FleetModel:
     def same_as(self, info: dict[str, Any]) -> str | None:
         """Why a replica's info does not fit this fleet (None: it fits)."""
         for key, mine in (("fingerprint", self.fingerprint), ("dtype", self.dtype), ("block_size", self.block_size),
-                          ("tokenizer_digest", self.tokenizer_digest)):  # fmt: skip
+                          ("tokenizer_digest", self.tokenizer_digest), ("model", self.served_name)):  # fmt: skip
             if info.get(key) != mine:
                 return f"its {key} is {info.get(key)!r}, the fleet's is {mine!r}"
         return None

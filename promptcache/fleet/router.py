@@ -290,7 +290,8 @@ class Router:
     ) -> Response:
         """Send the request to the first replica in ``decision.order`` that takes it; nothing reaches the client
         before a replica has answered its first bytes, so any earlier failure is retried on the next one. ``runs``: the
-        replica computes the prompt (not an explain), so its blocks are expected there next."""
+        replica computes the prompt (not an explain or a token count): its load is counted, and its blocks are
+        expected there next."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
         last = "no replica is up"
         for n, cand in enumerate(decision.order):
@@ -299,8 +300,9 @@ class Router:
                 continue
             if n:
                 self.metrics.retries.labels("next_replica").inc()
-            ticket = self.loads.dispatch(cand.name, max(decision.prompt_tokens - cand.cached_tokens, 0)) if (
-                self.loads is not None) else None  # fmt: skip
+            ticket = None
+            if runs and self.loads is not None:
+                ticket = self.loads.dispatch(cand.name, max(decision.prompt_tokens - cand.cached_tokens, 0))
             ours = {REPLICA_HEADER: cand.name, PREDICTED_HEADER: str(cand.cached_tokens)}
             try:
                 upstream = await self.client.send(
@@ -490,7 +492,8 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         decision = await asyncio.to_thread(router.decide, Tenant("-"), request.url.path, {})
         if not decision.order:
             raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
-        return await router.forward(request, request.url.path, await request.body(), Tenant("-"), decision)
+        body = await request.body()
+        return await router.forward(request, request.url.path, body, Tenant("-"), decision, runs=False)
 
     app.add_api_route("/v1/models", anywhere, methods=["GET"])
     app.add_api_route("/v1/messages/count_tokens", anywhere, methods=["POST"])
