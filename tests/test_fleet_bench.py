@@ -88,8 +88,9 @@ def test_concurrent_sessions_each_send_their_own_answers_back_in_order(
     assert share is not None and share["min"] >= 0.9
     assert run.info["concurrency"] == 4 and run.wall_s == run.info["wall_clock_s"]
     assert all(r.start_s is not None and r.start_s >= 0 for r in run.records)
+    assert all(r.first_chunk_s is not None and 0 < r.first_chunk_s <= r.ttft_s for r in run.records)
     assert all(r.replica is not None and r.cached_by_tier is not None for r in run.records)  # a server, no router
-    assert all(r.predicted_cached_tokens is None for r in run.records)
+    assert all(r.predicted_cached_tokens is None and r.retries == 0 for r in run.records)
     assert all(sum(r.cached_by_tier.values()) == r.cached_tokens for r in run.records)
 
 
@@ -112,7 +113,7 @@ def test_a_tiny_fleet_benchmark_reports_every_figure(tmp_path: Path, capsys: pyt
         assert f["requests"] == entry["requests"] == 9 == len(cell["records"])
         assert sum(f["requests_per_replica"].values()) == f["requests"], policy
         assert set(f["requests_per_replica"]) == {"r0", "r1"}
-        assert f["requests_without_replica_header"] == 0
+        assert f["requests_without_replica_header"] == 0 and f["client_retries"] >= 0
         replica = RECORD_COLUMNS.index("replica")
         assert all(row[replica] in ("r0", "r1") for row in cell["records"])
         ratio = f["requests_per_replica_max_over_min"]
@@ -124,10 +125,14 @@ def test_a_tiny_fleet_benchmark_reports_every_figure(tmp_path: Path, capsys: pyt
         assert 0 <= f["device_tokens"] <= f["cached_tokens"] <= f["prompt_tokens"]
         assert sum(f["cached_tokens_by_tier"].values()) == f["cached_tokens"]
         assert 0 < f["ttft_p50_ms"] <= f["ttft_p99_ms"] and f["wall_s"] > 0
+        assert 0 < f["first_token_p50_ms"] <= f["ttft_p50_ms"] and f["first_token_p99_ms"] <= f["ttft_p99_ms"]
+        assert 0 <= f["requests_with_text_held_back"] <= f["requests"]
         assert {s["num_blocks"] for s in cell["replica_stats"].values()} == {pool["blocks"]}  # the pool asked for
+        assert cell["rotation"]["always_up"] == (not cell["rotation"]["changes"])
     ratios = results["ratios"]["chat"]
     assert ratios["ttft_p99_cache_over_round_robin"] > 0
     assert {t["status"] for t in results["targets"]} <= {"met", "missed"}
-    assert [t["workload"] for t in results["targets"]] == ["chat", "chat"]  # the balance target needs `unique`
+    assert all(isinstance(t["replicas_always_up"], bool) for t in results["targets"])
+    assert [t["workload"] for t in results["targets"]] == ["chat"] * 3  # the balance target needs `unique`
     table = capsys.readouterr().out
     assert "round-robin" in table and "target [" in table

@@ -100,6 +100,12 @@ class Record:
     predicted_cached_tokens: int | None = None  # the x-promptcache-predicted-cached-tokens response header
     cached_by_tier: dict[str, int] | None = None  # usage.cached_tokens_by_tier, e.g. {"device": 160, "redis": 32}
     start_s: float | None = None  # when the request was sent, seconds after the run began (endpoint runs)
+    # Time to the first streamed chunk of any kind (endpoint runs). promptcache sends its first chunk (the role) once
+    # the first token exists, so there this is the exact TTFT even when the first tokens' text is held back (an
+    # incomplete UTF-8 sequence); other servers may send it before any token (OpenAI does), so ttft_s stays the
+    # time to the first content.
+    first_chunk_s: float | None = None
+    retries: int | None = None  # times the client sent the request again (a 429 / 5xx / lost connection before it)
 
     def as_json(self) -> dict[str, Any]:
         """Every field but the id lists (they would dominate results.json)."""
@@ -632,13 +638,15 @@ def _endpoint_request(
         **kwargs,
     )
     headers = raw.headers
-    first = last = None
+    first = last = first_chunk = None
     parts: list[str] = []
     usage = None
     with raw.parse() as stream:
         for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage
+            if chunk.choices and first_chunk is None:
+                first_chunk = time.perf_counter()
             for choice in chunk.choices:
                 delta = choice.delta
                 if delta.content or delta.tool_calls:
@@ -666,6 +674,8 @@ def _endpoint_request(
         predicted_cached_tokens=_int_header(headers.get(PREDICTED_HEADER)),
         cached_by_tier={str(t): int(n) for t, n in by_tier.items()} if isinstance(by_tier, dict) else None,
         start_s=t0 - t_run,
+        first_chunk_s=None if first_chunk is None else first_chunk - t0,
+        retries=getattr(raw, "retries_taken", None),
     )
     return record, "".join(parts)
 

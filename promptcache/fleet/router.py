@@ -143,7 +143,8 @@ def error_event(path: str, message: str) -> bytes:
 
 
 class Router:
-    """The router's state: replicas, what they hold, their load, and the policy; ``handle`` serves one request."""
+    """The router's state: replicas, what they hold, their load, the policy; ``decide`` then ``forward`` serve one
+    request."""
 
     def __init__(self, cfg: RouterConfig):
         if not cfg.replicas:
