@@ -113,7 +113,7 @@ def cmd_router(args: argparse.Namespace) -> int:
     cfg = RouterConfig(
         replicas=args.replica, redis_url=args.redis_url, policy=args.policy, tenancy=tenancy,
         admin_key=args.replica_admin_key, decode_weight=args.decode_weight, affinity_tokens=args.affinity_tokens,
-        tier_weights=weights or None, health_interval=args.health_interval,
+        tier_weights=weights or None, health_interval=args.health_interval, health_timeout=args.health_timeout,
     )  # fmt: skip
     uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -236,9 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--affinity-tokens", type=float, default=256.0,
                     help="the head start, in prefill tokens, of the replica a prompt_cache_key / user last went to")
     rt.add_argument("--tier-weight", action="append", default=[], metavar="TIER=W",
-                    help="the share of a block's prefill a hit from TIER saves (device=1, host=0.8, disk=0.6, "
-                         "redis=0.5)")  # fmt: skip
+                    help="the share of a block's prefill a hit from TIER saves; fixes what the replicas measure "
+                         "(until they have: device=1, host=0.8, disk=0.6, redis=0.5)")  # fmt: skip
     rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    rt.add_argument("--health-timeout", type=float, default=2.0,
+                    help="seconds a replica's /health may take before it counts as failed")
     rt.add_argument("--log-level", default="info")
     rt.set_defaults(func=cmd_router)
     for name, (_, help_text) in DELEGATED.items():

@@ -80,10 +80,14 @@ class ReplayStore:
 class RedisReplayStore(ReplayStore):
     """A ``ReplayStore`` whose records are shared through Redis by every replica serving the same model.
 
-    The local LRU stays in front: it answers first, and keeps answering while Redis is down (then this replica
-    only finds what it remembered or read before). ``scope`` identifies the model (records hold token ids of one
-    tokenizer). Each record is one key ``pc:replay:<scope[:32]>:<sha256 hex>`` that expires ``ttl_seconds`` after
-    it was written; Redis's own maxmemory policy bounds the memory.
+    NOTE: Redis answers first, the local LRU only what Redis lacks or while it is down. Records are keyed by
+    answer text, and two answers may share a text with other ids (a model that emits the same string two ways):
+    the last one written wins, and every replica and router must read that same one, or a router predicts hits
+    the replica will not have. (A local-first read kept a stale record forever.)
+
+    ``scope`` identifies the model (records hold token ids of one tokenizer). Each record is one key
+    ``pc:replay:<scope[:32]>:<sha256 hex>`` that expires ``ttl_seconds`` after it was written; Redis's own maxmemory
+    policy bounds the memory.
     """
 
     def __init__(self, url: str, scope: str, ttl_seconds: float = 86400.0, capacity: int = 16384, timeout: float = 0.5):
@@ -122,13 +126,10 @@ class RedisReplayStore(ReplayStore):
         return self.lookup_many(namespace, [text])[0]
 
     def lookup_many(self, namespace: str, texts: Sequence[str]) -> list[tuple[int, ...] | None]:
-        """Every text's ids: the local LRU first, then one pipeline of GETs to Redis for the rest."""
-        found = [self._get(namespace, text) for text in texts]
-        missing = list(dict.fromkeys(t for t, ids in zip(texts, found) if ids is None and t))
-        if not missing or not self.link.may_try():
-            return found
-        fetched = self._fetch(namespace, missing)
-        return [ids if ids is not None else fetched.get(text) for text, ids in zip(texts, found)]
+        """Every text's ids: one pipeline of GETs to Redis, then the local LRU for what Redis lacks."""
+        wanted = list(dict.fromkeys(t for t in texts if t))
+        fetched = self._fetch(namespace, wanted) if wanted and self.link.may_try() else {}
+        return [fetched[t] if t in fetched else self._get(namespace, t) for t in texts]
 
     def _fetch(self, namespace: str, texts: list[str]) -> dict[str, tuple[int, ...]]:
         """The records Redis holds for ``texts`` (one GET per key: an MGET across a cluster's slots is refused),

@@ -11,7 +11,7 @@ import pytest
 from promptcache.cache.hashing import BlockHash, block_hash
 from promptcache.fleet.events import EventFollower, KVEventPublisher
 from promptcache.fleet.load import LoadBook
-from promptcache.fleet.policy import Candidate, Load, make_policy
+from promptcache.fleet.policy import Candidate, Load, make_policy, measured_weights
 from promptcache.redis_link import RedisLink
 
 SCOPE = "testfp:float32:bs16"
@@ -193,6 +193,20 @@ def test_affinity_keeps_a_key_on_its_replica_unless_another_is_clearly_cheaper()
     a2, b2 = Candidate("a", [None], Load(prefill_tokens=1000)), Candidate("b", [None], Load())
     a2.affinity = True
     assert policy.rank([a2, b2], 40, 16)[0].name == "b"
+
+
+def test_measured_tier_costs_set_the_weights_and_an_operators_weights_win() -> None:
+    # Recomputing a block of 16 tokens takes 16 ms here; loading it from Redis 2 ms, from disk 8 ms.
+    rates = {"recompute_seconds_per_token": 0.001, "load_seconds_per_block": {"redis": 0.002, "disk": 0.008,
+                                                                               "host": None}}  # fmt: skip
+    assert measured_weights(rates, 16) == {"redis": 0.875, "disk": 0.5}
+    assert measured_weights({"recompute_seconds_per_token": None, "load_seconds_per_block": {}}, 16) == {}
+    assert measured_weights(None, 16) == {}
+    moved = Candidate("b", ["redis"] * 4, Load(decodes=2), weights={"redis": 0.875})
+    stay = Candidate("a", ["device"] * 4, Load(decodes=3))
+    # A cheap Redis load makes the idler replica worth the move; with the default Redis weight (0.5) it is not.
+    assert make_policy("cache").rank([stay, moved], 70, 16)[0].name == "b"
+    assert make_policy("cache", tier_weights={"redis": 0.5}).rank([stay, moved], 70, 16)[0].name == "a"
 
 
 def test_round_robin_cycles_and_least_loaded_takes_the_idlest() -> None:

@@ -89,9 +89,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        stats = await service.cache_stats(tiers=False)
+        """Liveness for load balancers and fleet routers. NOTE: it never waits for the engine thread (a long step
+        must not make a busy replica look dead); the block count is read as it stands, between or during steps."""
+        core = engine.engine
         return {"status": "ok", "model": service.model_name, "requests": engine.num_waiting_or_running,
-                "blocks_in_use": stats["blocks_in_use"], "replica": replica.name, "epoch": replica.epoch}  # fmt: skip
+                "blocks_in_use": core.kv.pool.num_in_use, "replica": replica.name, "epoch": replica.epoch,
+                "tier_rates": core.tiers.rates() if core.tiers is not None else None}  # fmt: skip
 
     @app.get("/v1/cache/integrity")
     async def cache_integrity(request: Request) -> dict[str, Any]:

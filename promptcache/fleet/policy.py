@@ -17,7 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 POLICIES = ("cache", "round-robin", "least-loaded")
-# Share of a block's prefill a hit from each tier saves (Dynamo and llm-d weigh tiers alike: device 1, host 0.75-0.8).
+# Share of a block's prefill a hit from each tier saves, until a replica has measured its own (``measured_weights``);
+# Dynamo and llm-d weigh tiers alike (device 1, host 0.75-0.8).
 DEFAULT_TIER_WEIGHTS = {"device": 1.0, "host": 0.8, "disk": 0.6, "redis": 0.5, "pending": 1.0}
 
 
@@ -42,6 +43,7 @@ class Candidate:
     tiers: list[str | None]  # the tier each prompt block would come from on this replica (None ends the run)
     load: Load
     affinity: bool = False
+    weights: dict[str, float] | None = None  # this replica's measured tier weights (None: not measured yet)
     # Filled by ``Policy.rank``:
     cached_tokens: int = 0
     cached_by_tier: dict[str, int] = field(default_factory=dict)
@@ -116,11 +118,17 @@ class CacheAware(Policy):
         affinity_tokens: float = 256.0,
     ):
         super().__init__(decode_weight)
-        self.tier_weights = {**DEFAULT_TIER_WEIGHTS, **(tier_weights or {})}
+        self.fixed = dict(tier_weights or {})  # given by the operator: they win over measured ones
+        self.tier_weights = {**DEFAULT_TIER_WEIGHTS, **self.fixed}
         self.affinity_tokens = affinity_tokens
 
+    def weights_for(self, c: Candidate) -> dict[str, float]:
+        """Defaults, then what the replica measured, then what the operator fixed."""
+        return {**DEFAULT_TIER_WEIGHTS, **(c.weights or {}), **self.fixed}
+
     def prefill_left(self, c: Candidate, prompt_tokens: int) -> float:
-        saved = sum(self.tier_weights.get(t, 0.0) * n for t, n in c.cached_by_tier.items())
+        weights = self.weights_for(c)
+        saved = sum(weights.get(t, 0.0) * n for t, n in c.cached_by_tier.items())
         return max(prompt_tokens - saved, 0.0)
 
     def _order(self, candidates: list[Candidate], prompt_tokens: int, block_size: int) -> list[Candidate]:
@@ -129,6 +137,20 @@ class CacheAware(Policy):
             if c.affinity:
                 c.cost -= self.affinity_tokens
         return sorted(self._rotated(sorted(candidates, key=lambda c: c.name)), key=lambda c: c.cost)
+
+
+def measured_weights(rates: dict[str, object] | None, block_size: int) -> dict[str, float]:
+    """Tier weights from a replica's own measurements (its ``/health`` ``tier_rates``): the share of a block's
+    recompute time that loading it from each tier saves, ``1 - load seconds per block / (block size x recompute
+    seconds per token)``. Empty until the replica has measured both."""
+    if not isinstance(rates, dict):
+        return {}
+    per_token = rates.get("recompute_seconds_per_token")
+    loads = rates.get("load_seconds_per_block")
+    if not isinstance(per_token, (int, float)) or per_token <= 0 or not isinstance(loads, dict):
+        return {}
+    return {str(tier): round(min(1.0, max(0.0, 1.0 - load / (block_size * per_token))), 3)
+            for tier, load in loads.items() if isinstance(load, (int, float)) and load >= 0}  # fmt: skip
 
 
 def make_policy(name: str, decode_weight: float = 16.0, tier_weights: dict[str, float] | None = None,

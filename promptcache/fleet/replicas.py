@@ -38,6 +38,10 @@ CHECK_ANTHROPIC = {"api": "anthropic", "system": [
     "messages": [{"role": "user", "content": "Name one prime number greater than ten."}]}  # fmt: skip
 
 
+class _Unchecked(Exception):
+    """The join check could not run (the replica did not answer in time): no verdict."""
+
+
 @dataclass
 class FleetModel:
     """What every replica of the fleet serves: one model, one tokenizer, one address space."""
@@ -75,6 +79,7 @@ class Replica:
     epoch: str | None = None
     failures: int = 0
     since: float = field(default_factory=time.time)
+    rates: dict[str, Any] | None = None  # its measured recompute and tier load costs (from /health)
 
     @property
     def up(self) -> bool:
@@ -150,6 +155,7 @@ class ReplicaSet:
                 replica.set_state("down", "failed its health check")
             return
         replica.failures = 0
+        replica.rates = health.get("tier_rates")
         if replica.state == "refused" and health.get("epoch") == replica.epoch:
             return  # the same process: still refused
         if replica.state != "up" or health.get("epoch") != replica.epoch:
@@ -181,7 +187,11 @@ class ReplicaSet:
             except (httpx.HTTPError, ValueError, KeyError) as err:
                 replica.set_state("down", f"cannot read its tokenizer: {err}")
                 return
-        why = self.model.same_as(info) or await self._check_vectors(replica)
+        try:
+            why = self.model.same_as(info) or await self._check_vectors(replica)
+        except _Unchecked as err:  # a busy or failing replica is not a different one: checked again later
+            replica.set_state("down", str(err))
+            return
         if why:
             replica.set_state("refused", why)
             return
@@ -221,11 +231,11 @@ class ReplicaSet:
             try:
                 resp = await self._client.post(
                     f"{replica.url}/v1/cache/explain", headers=self.admin_headers,
-                    json={**body, "cache_salt": CHECK_SALT, "addresses": True},
+                    json={**body, "cache_salt": CHECK_SALT, "addresses": True}, timeout=30.0,
                 )  # fmt: skip
                 theirs = resp.json().get("block_addresses")
             except (httpx.HTTPError, ValueError) as err:
-                return f"the address check failed: {err}"
+                raise _Unchecked(f"the address check could not run: {type(err).__name__}: {err}") from err
             if theirs != mine:
                 first = next((i for i, (a, b) in enumerate(zip(mine, theirs or [])) if a != b), None)
                 return (f"its block addresses differ from the router's on the {label} test vector ({len(theirs or [])}"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -38,7 +39,7 @@ from promptcache.cache.hashing import BlockHash
 from promptcache.fleet import keys
 from promptcache.fleet.events import EventFollower
 from promptcache.fleet.load import LoadBook, Ticket
-from promptcache.fleet.policy import Candidate, Load, Policy, make_policy
+from promptcache.fleet.policy import Candidate, Load, Policy, make_policy, measured_weights
 from promptcache.fleet.replicas import FleetModel, Replica, ReplicaSet
 from promptcache.redis_link import RedisLink
 from promptcache.replay import make_replay_store
@@ -71,6 +72,7 @@ class RouterConfig:
     affinity_ttl: float = 3600.0
     pending_ttl: float = 30.0  # a dispatched prompt counts as held by its replica until its events say so
     health_interval: float = 1.0
+    health_timeout: float = 2.0
     connect_timeout: float = 2.0
     read_timeout: float = 600.0
 
@@ -84,6 +86,7 @@ class Decision:
     hashes: list[BlockHash] = field(default_factory=list)
     affinity_key: str | None = None
     forced: bool = False
+    ticket: Ticket | None = None  # the load reserved on ``order[0]`` when the decision was made
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"replica": c.name, "cost": round(c.cost, 1), "predicted_cached_tokens": c.cached_tokens,
@@ -158,12 +161,16 @@ class Router:
         self.admin_headers = {"authorization": f"Bearer {admin}"} if admin else {}
         check_tenant = cfg.tenancy.resolve(self.admin_headers) if admin else Tenant("local", admin=True)
         self.replicas = ReplicaSet(cfg.replicas, self.admin_headers, check_tenant,
-                                   lambda fp: make_replay_store(cfg.redis_url, fp), cfg.health_interval)  # fmt: skip
+                                   lambda fp: make_replay_store(cfg.redis_url, fp), cfg.health_interval,
+                                   cfg.health_timeout)  # fmt: skip
         self.replicas.on_join = self._joined
         self.follower = EventFollower(self.link, self.replicas.snapshot)
         self.loads: LoadBook | None = None
         self.policy: Policy = make_policy(cfg.policy, cfg.decode_weight, cfg.tier_weights, cfg.affinity_tokens)
         self.pending: dict[str, OrderedDict[BlockHash, float]] = {}
+        # NOTE: reading the loads, ranking and reserving the winner's load happen under one lock: decisions run on
+        # worker threads, and two that overlapped would otherwise both see an idle replica and herd onto it.
+        self._deciding = threading.Lock()
         self.metrics = RouterMetrics()
         timeout = httpx.Timeout(cfg.read_timeout, connect=cfg.connect_timeout)
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1024,
@@ -215,8 +222,11 @@ class Router:
             return None
         return None
 
-    def decide(self, tenant: Tenant, path: str, body: dict[str, Any], forced: str | None = None) -> Decision:
-        """Order the replicas for a request (blocking: Redis round trips; run it off the event loop)."""
+    def decide(
+        self, tenant: Tenant, path: str, body: dict[str, Any], forced: str | None = None, runs: bool = False
+    ) -> Decision:
+        """Order the replicas for a request (blocking: Redis round trips; run it off the event loop). ``runs``: it
+        will run there, so the winner's load is reserved and its prompt's blocks are expected there at once."""
         start = time.perf_counter()
         up = [r for r in self.replicas.up() if r.name is not None]
         if forced is not None:
@@ -234,19 +244,43 @@ class Router:
         in_redis = self._in_redis(hashes)
         aff_key = self._affinity_key(body)
         aff_replica = self._affinity(tenant, aff_key) if aff_key else None
-        now = time.monotonic()
-        candidates = []
-        for r in up:
-            assert r.name is not None
-            held = self.follower.tiers_of(r.name, hashes)
-            pending = self.pending.get(r.name, {})
-            tiers = [t if t is not None else ("pending" if pending.get(h, 0) > now else ("redis" if red else None))
-                     for h, t, red in zip(hashes, held, in_redis)]  # fmt: skip
-            load = self.loads.of(r.name) if self.loads is not None else Load()
-            candidates.append(Candidate(r.name, tiers, load, affinity=r.name == aff_replica))
-        order = self.policy.rank(candidates, n_prompt, self.model.block_size if self.model else 16)
+        block_size = self.model.block_size if self.model else 16
+        with self._deciding:
+            now = time.monotonic()
+            candidates = []
+            for r in up:
+                assert r.name is not None
+                held = self.follower.tiers_of(r.name, hashes)
+                pending = self.pending.get(r.name, {})
+                tiers = [t if t is not None else ("pending" if pending.get(h, 0) > now else ("redis" if red else None))
+                         for h, t, red in zip(hashes, held, in_redis)]  # fmt: skip
+                load = self.loads.of(r.name) if self.loads is not None else Load()
+                candidates.append(Candidate(r.name, tiers, load, affinity=r.name == aff_replica,
+                                            weights=measured_weights(r.rates, block_size)))  # fmt: skip
+            order = self.policy.rank(candidates, n_prompt, block_size)
+            ticket = None
+            if runs and order:
+                ticket = self._dispatch(order[0], n_prompt)
+                self._expect(order[0].name, hashes)
         self.metrics.decision_seconds.observe(time.perf_counter() - start)
-        return Decision(order, n_prompt, hashes, aff_key, forced is not None)
+        return Decision(order, n_prompt, hashes, aff_key, forced is not None, ticket)
+
+    def _dispatch(self, cand: Candidate, prompt_tokens: int) -> Ticket | None:
+        if self.loads is None:
+            return None
+        return self.loads.dispatch(cand.name, max(prompt_tokens - cand.cached_tokens, 0))
+
+    def _expect(self, replica: str, hashes: list[BlockHash]) -> None:
+        """The prompt's blocks will be on ``replica`` in a moment (until its events say what it really holds)."""
+        if not hashes:
+            return
+        pending = self.pending.setdefault(replica, OrderedDict())
+        until = time.monotonic() + self.cfg.pending_ttl
+        for h in hashes:
+            pending[h] = until
+            pending.move_to_end(h)
+        while len(pending) > 65536:
+            pending.popitem(last=False)
 
     def _in_redis(self, hashes: list[BlockHash]) -> list[bool]:
         model = self.model
@@ -271,15 +305,9 @@ class Router:
         return raw.decode() if isinstance(raw, bytes) else None
 
     def _remember(self, tenant: Tenant, decision: Decision, replica: str) -> None:
-        """After dispatch: the prompt's blocks are (soon) on that replica; the affinity key points there."""
-        if decision.hashes:
-            pending = self.pending.setdefault(replica, OrderedDict())
-            until = time.monotonic() + self.cfg.pending_ttl
-            for h in decision.hashes:
-                pending[h] = until
-                pending.move_to_end(h)
-            while len(pending) > 65536:
-                pending.popitem(last=False)
+        """After a replica took the request: its blocks are expected there, and the affinity key points there."""
+        if replica != decision.order[0].name:  # a fallback: the winner's expectation was marked at the decision
+            self._expect(replica, decision.hashes)
         if decision.affinity_key and self.model is not None and self.link.may_try():
             key = keys.affinity(self.model.scope, tenant.name, decision.affinity_key)
             ttl_ms = int(self.cfg.affinity_ttl * 1000)
@@ -298,12 +326,17 @@ class Router:
         for n, cand in enumerate(decision.order):
             replica = self.replicas.by_name(cand.name)
             if replica is None or not replica.up:
+                if n == 0:
+                    self._release(decision.ticket)  # it left the rotation since the decision
                 continue
             if n:
                 self.metrics.retries.labels("next_replica").inc()
-            ticket = None
-            if runs and self.loads is not None:
-                ticket = self.loads.dispatch(cand.name, max(decision.prompt_tokens - cand.cached_tokens, 0))
+            if not runs:
+                ticket = None
+            elif n == 0 and decision.ticket is not None:
+                ticket = decision.ticket  # reserved when the decision was made
+            else:
+                ticket = self._dispatch(cand, decision.prompt_tokens)
             ours = {REPLICA_HEADER: cand.name, PREDICTED_HEADER: str(cand.cached_tokens)}
             try:
                 upstream = await self.client.send(
@@ -479,7 +512,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         forced = request.headers.get(REPLICA_HEADER)
         if forced is not None and not tenant.admin:
             raise APIError(403, f"choosing the replica ({REPLICA_HEADER}) needs an admin API key")
-        decision = await asyncio.to_thread(router.decide, tenant, path, body, forced)
+        decision = await asyncio.to_thread(router.decide, tenant, path, body, forced, True)
         if not decision.order:
             raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
         return await router.forward(request, path, raw, tenant, decision)

@@ -403,6 +403,12 @@ class TierStack:
     def check_integrity(self, deep: bool = False) -> dict[str, list[str]]:
         return {t.name: t.check_integrity(deep) for t in self.tiers}
 
+    def rates(self) -> dict[str, object]:
+        """The measured costs (seconds per prefill token; per block loaded, by tier), None where not yet measured.
+        Reads two floats per tier: safe from any thread, no I/O (``/health`` reports them to fleet routers)."""
+        return {"recompute_seconds_per_token": self.recompute_rate.value,
+                "load_seconds_per_block": {t.name: self._load_rate[t.name].value for t in self.tiers}}  # fmt: skip
+
     def stats(self) -> dict[str, object]:
         with self._cv:
             queued = sum(len(w.entries) for w in self._queue if isinstance(w, _Write))
