@@ -440,6 +440,9 @@ class Router:
                 "seq": view.seq, "events_applied": view.events_applied, "resyncs": dict(view.resyncs)}  # fmt: skip
             r["load"] = vars(self.loads.of(r["name"])) if self.loads is not None and r["name"] else None
             r["load_own"] = vars(self.loads.own(r["name"])) if self.loads is not None and r["name"] else None
+            replica = self.replicas.by_name(r["name"] or "")
+            r["measured_tier_weights"] = measured_weights(replica.rates, self.model.block_size) if (
+                replica is not None and self.model is not None) else {}  # fmt: skip
             replicas.append(r)
         model = self.model
         return {"router": self.cfg.router_id, "policy": self.policy.name, "replicas": replicas,
