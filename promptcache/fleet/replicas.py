@@ -114,6 +114,7 @@ class ReplicaSet:
         self._client = httpx.AsyncClient(timeout=timeout)
         self._sync = httpx.Client(timeout=30.0)
         self._task: asyncio.Task[None] | None = None
+        self._joining = asyncio.Lock()  # NOTE: one join at a time: two first joins must not both define the model
 
     def by_name(self, name: str) -> Replica | None:
         return next((r for r in self.replicas if r.name == name), None)
@@ -141,6 +142,10 @@ class ReplicaSet:
                 log.exception("checking replicas failed")
 
     async def check_all(self) -> None:
+        if self.model is None:  # the first replica (in --replica order) that answers defines the fleet's model
+            for r in self.replicas:
+                await self.check(r)
+            return
         await asyncio.gather(*(self.check(r) for r in self.replicas))
 
     async def check(self, replica: Replica) -> None:
@@ -169,6 +174,10 @@ class ReplicaSet:
 
     # -- joining --
     async def join(self, replica: Replica) -> None:
+        async with self._joining:
+            await self._join(replica)
+
+    async def _join(self, replica: Replica) -> None:
         try:
             info = await self._admin_get(replica, "/v1/fleet/info")
         except (httpx.HTTPError, ValueError, KeyError) as err:
