@@ -87,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices, response_cache=args.response_cache,
                           max_waiting=args.max_waiting, replica_name=args.replica_name or default_name(args.port),
-                          kv_events=not args.no_kv_events)  # fmt: skip
+                          kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -114,6 +114,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         replicas=args.replica, redis_url=args.redis_url, policy=args.policy, tenancy=tenancy,
         admin_key=args.replica_admin_key, decode_weight=args.decode_weight, affinity_tokens=args.affinity_tokens,
         tier_weights=weights or None, health_interval=args.health_interval, health_timeout=args.health_timeout,
+        max_body_mb=args.max_body_mb,
     )  # fmt: skip
     uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -181,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--pricing-preset", default="default", help="pricing preset when no file is given")
     srv.add_argument("--response-cache", action="store_true", help="answer repeated deterministic requests from memory")
     srv.add_argument("--max-waiting", type=int, default=1024, help="requests held before answering 429")
+    srv.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--block-size", type=int, default=16)
@@ -239,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the share of a block's prefill a hit from TIER saves; fixes what the replicas measure "
                          "(until they have: device=1, host=0.8, disk=0.6, redis=0.5)")  # fmt: skip
     rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
+    rt.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
     rt.add_argument("--health-timeout", type=float, default=2.0,
                     help="seconds a replica's /health may take before it counts as failed")
     rt.add_argument("--log-level", default="info")

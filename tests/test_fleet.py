@@ -23,6 +23,7 @@ import pytest
 from conftest import LiveServer, assert_varied, keyed
 from redis_servers import RedisServer, free_ports
 
+from promptcache.api.tenancy import Tenant
 from promptcache.fleet.router import PREDICTED_HEADER, REPLICA_HEADER, RouterConfig, create_router_app
 
 BS = 16
@@ -321,9 +322,11 @@ def test_a_second_router_agrees_with_the_first(fleet) -> None:
         messages = [{"role": "system", "content": "Two routers, one fleet. " * 12},
                     {"role": "user", "content": "Which replica?"}]  # fmt: skip
         _, first_headers = chat(router.client(), messages)
-        until(lambda: second.core.follower.tiers_of(first_headers[REPLICA_HEADER], second.core.model.addresses(
-            "alice\x1f", second.core.model.renderer.openai_chat_ids("alice", {"messages": messages})))[0] == "device",
-            10, "the second router sees the first's blocks")  # fmt: skip
+        model = second.core.model
+        addresses = model.addresses(Tenant("alice").namespace(), model.renderer.openai_chat_ids("alice", {
+            "messages": messages}))  # fmt: skip
+        until(lambda: second.core.follower.tiers_of(first_headers[REPLICA_HEADER], addresses)[0] == "device", 10,
+              "the second router sees the first's blocks")  # fmt: skip
         out, headers = chat(second.client(), messages)
         assert headers[REPLICA_HEADER] == first_headers[REPLICA_HEADER]
         assert int(headers[PREDICTED_HEADER]) == out.usage.prompt_tokens_details.cached_tokens > 0

@@ -88,6 +88,31 @@ def test_namespaces_separate_tenants_and_salts() -> None:
     assert len({a.namespace(), b.namespace(), a.namespace("s"), b.namespace("s")}) == 4
 
 
+def test_a_tenant_and_salt_never_share_a_namespace_with_another_pair() -> None:
+    assert Tenant("a").namespace("b\x1f") != Tenant("a\x1fb").namespace()  # the collision a separator allowed
+    pairs = [("a", "bc"), ("ab", "c"), ("a:1", "b"), ("a", "1:b"), ("a", ""), ("a", None)]
+    assert len({Tenant(t).namespace(salt) for t, salt in pairs}) == 5  # no salt and an empty salt are the same
+
+
+def test_tenant_names_with_control_characters_are_refused(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"k-1": "a\x1fb"}))
+    with pytest.raises(ValueError, match="control character"):
+        Tenancy.from_options(api_keys_file=str(keys))
+    keys.write_text(json.dumps({"k-1": ""}))
+    with pytest.raises(ValueError, match="empty"):
+        Tenancy.from_options(api_keys_file=str(keys))
+
+
+def test_a_key_that_shares_a_prefix_with_a_real_one_is_refused() -> None:
+    t = Tenancy({"sk-secret-key": Tenant("alice")})
+    for guess in ("sk-secret-ke", "sk-secret-key ", "sk-secret-kez", "SK-SECRET-KEY"):
+        with pytest.raises(APIError) as err:
+            t.resolve({"x-api-key": guess})
+        assert err.value.status == 401
+    assert t.resolve({"x-api-key": "sk-secret-key"}) == Tenant("alice")
+
+
 def test_bad_keys_file_is_a_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "keys.json"
     bad.write_text("[1, 2]")

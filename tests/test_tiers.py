@@ -18,6 +18,7 @@ import torch
 from conftest import assert_varied
 
 from promptcache import LLM, SamplingParams
+from promptcache.api.tenancy import Tenant
 from promptcache.cache.hashing import block_hash, chain_hashes
 from promptcache.cache.tiers.base import BlockEntry, KVLayout
 from promptcache.cache.tiers.disk import DiskTier
@@ -225,7 +226,7 @@ def test_no_tier_serves_one_namespace_the_blocks_of_another(make_llm, tmp_path, 
     assert run(llm, PROMPT, namespace="bob").num_cached_tokens == 0
     assert run(other, PROMPT, namespace="carol").num_cached_tokens == 0
     # A tenant's cache_salt is part of the namespace (tenancy.py), so a salted request is another namespace too.
-    assert run(other, PROMPT, namespace="alice\x1fsalt").num_cached_tokens == 0
+    assert run(other, PROMPT, namespace=Tenant("alice").namespace("salt")).num_cached_tokens == 0
     assert run(other, PROMPT, namespace="alice").cached_tokens_by_tier == {"redis": len(PREFIX)}
 
 

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from promptcache.api import fleet_api, openai_api
 from promptcache.api.errors import APIError
+from promptcache.api.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import looks_anthropic
 from promptcache.api.service import Service
 from promptcache.api.tenancy import Tenancy, Tenant
@@ -31,6 +32,7 @@ class ServerConfig:
     prices: PriceTable = field(default_factory=lambda: PriceTable.preset("default"))
     response_cache: bool = False
     max_waiting: int = 1024
+    max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 before they are read whole
     replica_name: str | None = None  # this server's name in a fleet (default: host-pid)
     kv_events: bool = True  # with a Redis tier, publish KV events for fleet routers
 
@@ -54,6 +56,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.state.service = service
     app.state.replica = replica
     app.add_middleware(fleet_api.ReplicaHeaders, name=replica.name)
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)))
 
     def is_anthropic(request: Request) -> bool:
         return request.url.path.startswith("/v1/messages")

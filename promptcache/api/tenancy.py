@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +21,14 @@ class Tenant:
     admin: bool = False
 
     def namespace(self, cache_salt: str | None = None) -> str:
-        """The cache namespace: the tenant, partitioned further by an optional salt."""
-        return f"{self.name}\x1f{cache_salt or ''}"
+        """The cache namespace: the tenant, partitioned further by an optional salt.
+
+        NOTE: injective: each field is length-prefixed, so no (tenant, salt) pair names another's namespace (with a
+        separator, tenant "a" with salt "b<sep>" was tenant "a<sep>b" with none). The fleet router uses this same
+        function, so replicas and routers compute the same addresses.
+        """
+        salt = cache_salt or ""
+        return f"{len(self.name)}:{self.name}:{len(salt)}:{salt}"
 
 
 class Tenancy:
@@ -30,6 +39,11 @@ class Tenancy:
 
     def __init__(self, keys: Mapping[str, Tenant] | None = None):
         self.keys = dict(keys or {})
+        for tenant in self.keys.values():
+            check_tenant_name(tenant.name)
+        # NOTE: keys are looked up by their SHA-256, so the lookup's time tells nothing about how much of a guessed
+        # key matched (a dict of the keys themselves compares strings, which stops at the first difference).
+        self._by_digest = {_digest(k): (k, t) for k, t in self.keys.items()}
 
     @property
     def open(self) -> bool:
@@ -71,7 +85,20 @@ class Tenancy:
         if not key:
             raise APIError(401, "missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY'",
                            code="invalid_api_key")  # fmt: skip
-        tenant = self.keys.get(key)
-        if tenant is None:
+        found = self._by_digest.get(_digest(key))
+        if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key")
-        return tenant
+        return found[1]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def check_tenant_name(name: str) -> None:
+    """Refuse a tenant name that is empty or holds control characters (they have no place in names, logs or keys)."""
+    if not name:
+        raise ValueError("a tenant name must not be empty")
+    bad = next((c for c in name if unicodedata.category(c).startswith("C")), None)
+    if bad is not None:
+        raise ValueError(f"tenant name {name!r} holds the control character {bad!r}")

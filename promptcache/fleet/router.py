@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from starlette.types import Receive, Scope, Send
 
 from promptcache.api.errors import APIError
+from promptcache.api.limits import DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import AnthropicPromptBody, looks_anthropic
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.cache.hashing import BlockHash
@@ -75,6 +76,7 @@ class RouterConfig:
     health_timeout: float = 2.0
     connect_timeout: float = 2.0
     read_timeout: float = 600.0
+    max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 at the router
 
 
 @dataclass
@@ -480,6 +482,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="promptcache router", lifespan=lifespan)
     app.state.router = router
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)))
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
         body = err.anthropic_body() if _is_anthropic(request.url.path) else err.openai_body()

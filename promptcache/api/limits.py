@@ -1,0 +1,66 @@
+"""Limits a public endpoint needs before it parses anything: the size of a request body.
+
+Without it a 64 MiB body was read and parsed whole. ``BodyLimit`` answers 413 (in the format of the API called) as
+soon as the declared ``Content-Length`` or the bytes received so far pass the limit, and never holds more than the
+limit in memory. The server and the fleet router both use it.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from promptcache.api.errors import APIError
+
+DEFAULT_MAX_BODY_MB = 16.0
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``max_bytes`` with a 413."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, send)
+            return
+        # Read the body here, counting (a chunked upload declares no length), then hand it on whole.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client went away: let the app see it
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                await self._refuse(scope, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        err = APIError(413, f"the request body is larger than this server's limit of {self.max_bytes} bytes",
+                       code="request_too_large")  # fmt: skip
+        anthropic = str(scope.get("path", "")).startswith("/v1/messages")
+        payload = json.dumps(err.anthropic_body() if anthropic else err.openai_body()).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+            (b"connection", b"close")]})  # fmt: skip
+        await send({"type": "http.response.body", "body": payload})
