@@ -89,8 +89,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_waiting=args.max_waiting, replica_name=args.replica_name or default_name(args.port),
                           kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # SIGTERM (or Ctrl-C): stop accepting connections, let running requests finish for up to --shutdown-timeout
+    # seconds (then abort them, freeing their blocks), stop publishing KV events, flush pending tier writes, exit 0.
+    _exit_0_on_sigterm()
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
     return 0
+
+
+def _exit_0_on_sigterm() -> None:
+    """uvicorn handles SIGTERM itself (a graceful shutdown), then raises it again under the handler it found:
+    with this one that is a no-op, so a drained server exits 0 rather than dying of the signal (-15)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
 
 def cmd_router(args: argparse.Namespace) -> int:
@@ -116,7 +128,9 @@ def cmd_router(args: argparse.Namespace) -> int:
         tier_weights=weights or None, health_interval=args.health_interval, health_timeout=args.health_timeout,
         max_body_mb=args.max_body_mb,
     )  # fmt: skip
-    uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level)
+    _exit_0_on_sigterm()
+    uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)  # fmt: skip
     return 0
 
 
@@ -183,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--response-cache", action="store_true", help="answer repeated deterministic requests from memory")
     srv.add_argument("--max-waiting", type=int, default=1024, help="requests held before answering 429")
     srv.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
+    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
+                     help="on SIGTERM, seconds running requests get to finish before they are aborted")
     srv.add_argument("--device", default="auto")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     srv.add_argument("--block-size", type=int, default=16)
@@ -242,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(until they have: device=1, host=0.8, disk=0.6, redis=0.5)")  # fmt: skip
     rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
     rt.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
+    rt.add_argument("--shutdown-timeout", type=float, default=30.0,
+                    help="on SIGTERM, seconds running requests get to finish before they are cut")
     rt.add_argument("--health-timeout", type=float, default=2.0,
                     help="seconds a replica's /health may take before it counts as failed")
     rt.add_argument("--log-level", default="info")
