@@ -87,7 +87,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices, response_cache=args.response_cache,
                           max_waiting=args.max_waiting, replica_name=args.replica_name or default_name(args.port),
-                          kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb)  # fmt: skip
+                          kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb,
+                          max_concurrent_per_tenant=args.max_concurrent_per_tenant)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
     # SIGTERM (or Ctrl-C): stop accepting connections, let running requests finish for up to --shutdown-timeout
     # seconds (then abort them, freeing their blocks), stop publishing KV events, flush pending tier writes, exit 0.
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--response-cache", action="store_true", help="answer repeated deterministic requests from memory")
     srv.add_argument("--max-waiting", type=int, default=1024, help="requests held before answering 429")
     srv.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
+    srv.add_argument("--max-concurrent-per-tenant", type=int, default=None,
+                     help="requests one API key's tenant may run at once; more get 429 with Retry-After (a key's "
+                          "own max_concurrent in --api-keys-file wins)")  # fmt: skip
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish before they are aborted")
     srv.add_argument("--device", default="auto")

@@ -54,3 +54,48 @@ def test_a_body_under_the_limit_is_served_and_the_server_stays_up(small_door) ->
         status = httpx.post(f"{small_door.url}/v1/chat/completions", json=chat_body(pad)).status_code
         assert status == (413 if pad > 52_000 else 200)
     assert httpx.get(f"{small_door.url}/health").json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def limited(varied_model):
+    from promptcache.api.server import ServerConfig
+    from promptcache.api.tenancy import Tenancy, Tenant
+
+    tenancy = Tenancy({"key-alice": Tenant("alice", max_concurrent=2), "key-bob": Tenant("bob")})
+    server = LiveServer(ServerConfig(tenancy=tenancy, max_concurrent_per_tenant=4), model=str(varied_model))
+    yield server
+    server.stop()
+
+
+def test_a_tenant_over_its_concurrency_limit_gets_429_and_others_are_not_held(limited) -> None:
+    import asyncio
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=limited.url, timeout=60) as client:
+            def body(n: int) -> dict:
+                return {"model": "promptcache-default", "prompt": "Once upon a time", "max_tokens": n,
+                        "temperature": 0.0, "ignore_eos": True, "stream": True}  # fmt: skip
+
+            alice = {"Authorization": "Bearer key-alice"}
+            async with client.stream("POST", "/v1/completions", json=body(2000), headers=alice) as one, \
+                    client.stream("POST", "/v1/completions", json=body(2000), headers=alice) as two:  # fmt: skip
+                assert one.status_code == two.status_code == 200
+                third = await client.post("/v1/completions", json={**body(2), "stream": False}, headers=alice)
+                assert third.status_code == 429 and third.headers["retry-after"] == "1"
+                assert third.json()["error"]["code"] == "rate_limit_exceeded"
+                messages = {"model": "promptcache-default", "max_tokens": 2,
+                            "messages": [{"role": "user", "content": "hi"}]}  # fmt: skip
+                refused = await client.post("/v1/messages", json=messages, headers=alice)
+                assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
+                bob = await client.post("/v1/completions", json={**body(2), "stream": False},
+                                        headers={"Authorization": "Bearer key-bob"})  # fmt: skip
+                assert bob.status_code == 200  # another tenant is not held back
+            # alice's streams were closed early (the client went away): once the server notices, her limit is free
+            deadline = asyncio.get_running_loop().time() + 10
+            while limited.app.state.service._running and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            assert limited.app.state.service._running == {}
+            again = await client.post("/v1/completions", json={**body(2), "stream": False}, headers=alice)
+            assert again.status_code == 200
+
+    asyncio.run(run())

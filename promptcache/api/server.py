@@ -33,6 +33,7 @@ class ServerConfig:
     response_cache: bool = False
     max_waiting: int = 1024
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 before they are read whole
+    max_concurrent_per_tenant: int | None = None  # requests one tenant may run at once (a key's own limit wins)
     replica_name: str | None = None  # this server's name in a fleet (default: host-pid)
     kv_events: bool = True  # with a Redis tier, publish KV events for fleet routers
 
@@ -40,7 +41,8 @@ class ServerConfig:
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
     """The app; the engine thread starts and stops with it."""
     cfg = config or ServerConfig()
-    service = Service(engine, cfg.served_model_name, cfg.tenancy, cfg.prices, cfg.response_cache)
+    service = Service(engine, cfg.served_model_name, cfg.tenancy, cfg.prices, cfg.response_cache,
+                      cfg.max_concurrent_per_tenant)  # fmt: skip
     engine.max_waiting = cfg.max_waiting
     replica = fleet_api.Replica(service, cfg.replica_name or fleet_api.default_name(), cfg.kv_events)
 

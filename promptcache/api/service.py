@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import time
@@ -76,8 +77,13 @@ class Service:
         tenancy: Tenancy,
         prices: PriceTable,
         response_cache: bool = False,
+        max_concurrent_per_tenant: int | None = None,
     ):
         self.engine = engine
+        # Requests each tenant runs now, and the default cap (a key's own ``max_concurrent`` wins): one tenant
+        # cannot fill the queue that every other tenant waits in.
+        self.max_concurrent_per_tenant = max_concurrent_per_tenant
+        self._running: dict[str, int] = {}
         self.model_name = model_name
         self.tenancy = tenancy
         self.prices = prices
@@ -147,6 +153,37 @@ class Service:
     ) -> AsyncIterator[RequestOutput]:
         """Run one request, yielding its outputs; records latency, tokens and cost when it finishes."""
         self.check(ids, params)
+        limit = tenant.max_concurrent or self.max_concurrent_per_tenant
+        running = self._running.get(tenant.name, 0)
+        if limit is not None and running >= limit:
+            self.metrics.requests.labels(api, "rejected").inc()
+            raise APIError(429, f"this API key already runs {running} requests, its limit; retry when one ends",
+                           code="rate_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
+        self._running[tenant.name] = running + 1
+        try:
+            # aclosing: a client gone mid-stream closes this generator, and so at once the run below (which aborts
+            # the engine request and frees its blocks), not whenever it is collected.
+            async with contextlib.aclosing(self._run(tenant, cache_salt, ids, params, api, cache_breakpoints,
+                                                     retention)) as run:  # fmt: skip
+                async for out in run:
+                    yield out
+        finally:
+            left = self._running[tenant.name] - 1
+            if left:
+                self._running[tenant.name] = left
+            else:
+                del self._running[tenant.name]
+
+    async def _run(
+        self,
+        tenant: Tenant,
+        cache_salt: str | None,
+        ids: list[int],
+        params: SamplingParams,
+        api: str,
+        cache_breakpoints: Sequence[tuple[int, str]],
+        retention: float,
+    ) -> AsyncIterator[RequestOutput]:
         breakpoints = [(n, TTL_SECONDS[ttl]) for n, ttl in cache_breakpoints]
         request_id = f"{api}-{uuid.uuid4().hex}"
         start = time.perf_counter()

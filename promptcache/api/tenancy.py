@@ -19,6 +19,7 @@ LOCAL_TENANT = "local"
 class Tenant:
     name: str
     admin: bool = False
+    max_concurrent: int | None = None  # requests this tenant may run at once (None: the server's default)
 
     def namespace(self, cache_salt: str | None = None) -> str:
         """The cache namespace: the tenant, partitioned further by an optional salt.
@@ -68,11 +69,15 @@ class Tenancy:
                 if isinstance(value, str):
                     keys[key] = Tenant(value)
                 elif isinstance(value, dict) and isinstance(value.get("tenant"), str):
-                    keys[key] = Tenant(value["tenant"], bool(value.get("admin", False)))
+                    limit = value.get("max_concurrent")
+                    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                        raise ValueError(f"API keys file: max_concurrent must be a positive integer, got {limit!r}")
+                    keys[key] = Tenant(value["tenant"], bool(value.get("admin", False)), limit)
                 else:
                     raise ValueError(f"API keys file: the value for a key must be a tenant name, got {value!r}")
         for key in admin_keys or []:
-            keys[key] = Tenant(keys[key].name if key in keys else "admin", admin=True)
+            keys[key] = Tenant(keys[key].name if key in keys else "admin", True,
+                               keys[key].max_concurrent if key in keys else None)  # fmt: skip
         return cls(keys)
 
     def resolve(self, headers: Mapping[str, str]) -> Tenant:
