@@ -434,7 +434,8 @@ def test_a_killed_replica_fails_no_request_that_had_not_started_streaming(fleet)
     threads += [threading.Thread(target=ask, args=(i,)) for i in range(12)]
     for t in threads[1:]:
         t.start()
-    time.sleep(0.5)
+    # Kill it once it serves one of the twelve besides the stream (the router counts what it dispatched there).
+    until(lambda: router.core.loads.own(victim.name).decodes >= 2, 20, "a request in flight on the victim")
     victim.kill()
     for t in threads:
         t.join(timeout=120)

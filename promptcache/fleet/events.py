@@ -11,7 +11,9 @@ takes a new snapshot when:
 - a number is skipped (a message was dropped while Redis was down, or trimmed before the router read it): a gap;
 - the epoch changes (the replica restarted: its device pool is new);
 - the replica reset its cache.
-A replica whose heartbeat has expired is forgotten (its view emptied) until it beats again.
+A replica whose heartbeat has expired is forgotten (its view emptied) until it beats again. A beat also carries the
+replica's epoch and last message number, so a gap with no later message to reveal it (the replica went quiet after
+Redis came back) is found too.
 
 NOTE: why snapshots are exact. ``snapshot`` first closes the pending batch (``cut``: every event reported so far is
 in a message numbered <= the snapshot's seq), then reads what each cache holds. A change reported after the cut gets
@@ -374,3 +376,25 @@ class EventFollower:
             elif beat is not None and not view.alive:
                 with self._lock:
                     view.alive = True  # back: the next round takes a snapshot
+            elif beat is not None and view.synced:
+                self._check_beat(view, beat)
+
+    def _check_beat(self, view: ReplicaView, raw: bytes) -> None:
+        """A beat names the replica's epoch and last message number. A newer epoch is a restart. A higher number
+        with nothing newer in the stream means messages were lost (Redis was down when they were sent) and no later
+        one has come to show the gap: without this check the view would stay stale until the replica's next event.
+        """
+        try:
+            beat = json.loads(raw)
+            epoch, seq = beat["epoch"], int(beat["seq"])
+        except (ValueError, KeyError, TypeError):
+            return
+        if epoch != view.epoch:
+            self._resync(view, "restart")
+            return
+        if seq <= view.seq:
+            return
+        last = view.last_id.decode() if isinstance(view.last_id, bytes) else view.last_id
+        newer = self.link.attempt(lambda: self.link.client().xrange(view.stream, min=f"({last}", count=1))
+        if newer == []:  # (None: Redis failed; ask again next time)
+            self._resync(view, "gap")
