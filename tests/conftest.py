@@ -154,19 +154,23 @@ class LiveServer:
     """promptcache's app under uvicorn in a background thread, on a free loopback port."""
 
     def __init__(self, config=None, **engine_kwargs) -> None:
-        import socket
-        import threading
-        import time
-
-        import uvicorn
-
         from promptcache.api.server import ServerConfig, create_app
         from promptcache.engine.async_engine import AsyncEngine
         from promptcache.engine.engine import EngineConfig, LLMEngine
 
         engine_kwargs.setdefault("kv_cache_memory_gb", 0.05)
         self.engine = AsyncEngine(LLMEngine(EngineConfig(**engine_kwargs)))
-        self.app = create_app(self.engine, config or ServerConfig())
+        self.serve(create_app(self.engine, config or ServerConfig()))
+
+    def serve(self, app) -> None:
+        """Run ``app`` under uvicorn on a free loopback port, in a background thread, until it has started."""
+        import socket
+        import threading
+        import time
+
+        import uvicorn
+
+        self.app = app
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import openai
 import pytest
 from conftest import LiveServer, assert_varied, keyed
 from redis_servers import RedisServer, free_ports
+from serve_processes import serve_args, wait_healthy
 
 from promptcache.api.tenancy import Tenant
 from promptcache.fleet.router import PREDICTED_HEADER, REPLICA_HEADER, RouterConfig, create_router_app
@@ -49,10 +49,9 @@ class Replica:
     def __init__(self, name: str, model: Path, redis_url: str, keys_file: Path) -> None:
         self.name, self.port = name, free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.args = [sys.executable, "-m", "promptcache.cli", "serve", "--model", str(model), "--port", str(self.port),
-                     "--redis-url", redis_url, "--replica-name", name, "--api-keys-file", str(keys_file),
-                     "--served-model-name", MODEL, "--kv-cache-memory-gb", "0.05", "--tier-load-policy", "always",
-                     "--log-level", "warning"]  # fmt: skip
+        self.args = serve_args(self.port, "--model", str(model), "--redis-url", redis_url, "--replica-name", name,
+                               "--api-keys-file", str(keys_file), "--served-model-name", MODEL,
+                               "--kv-cache-memory-gb", "0.05", "--tier-load-policy", "always")  # fmt: skip
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Replica:
@@ -62,16 +61,7 @@ class Replica:
 
     def wait(self) -> None:
         assert self.proc is not None
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"replica {self.name} did not start")
+        wait_healthy(self.proc, self.url, timeout=90)
 
     def kill(self) -> None:
         assert self.proc is not None
@@ -95,23 +85,11 @@ class Router(LiveServer):
     """A router app under uvicorn on loopback (the replicas are processes; the router's state is inspectable)."""
 
     def __init__(self, urls: list[str], redis_url: str, keys_file: Path, policy: str = "cache", up: int = -1) -> None:
-        import socket
-
-        import uvicorn
-
         from promptcache.api.tenancy import Tenancy
 
         cfg = RouterConfig(urls, redis_url, policy, Tenancy.from_options(api_keys_file=str(keys_file)),
                            health_interval=0.3)  # fmt: skip
-        self.app = create_router_app(cfg)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        until(lambda: self.server.started, 30, "router start")
+        self.serve(create_router_app(cfg))
         want = len(urls) if up < 0 else up
         until(lambda: len(self.state()["up"]) == want, 60, "the replicas joined")
 

@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
-from redis_servers import free_ports
+from serve_processes import start_serve, wait_healthy
 
 MODEL = "promptcache-default"
 PROMPT = [100 + (i * 37) % 7000 for i in range(6 * 16 + 3)]
@@ -21,21 +19,10 @@ PROMPT = [100 + (i * 37) % 7000 for i in range(6 * 16 + 3)]
 
 class Serve:
     def __init__(self, model: Path, disk: Path, shutdown_timeout: float) -> None:
-        self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "promptcache.cli", "serve", "--model", str(model), "--port", str(self.port),
-                "--disk-cache", str(disk), "--tier-load-policy", "always", "--served-model-name", MODEL,
-                "--shutdown-timeout", str(shutdown_timeout), "--log-level", "warning"]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("the server did not start")
+        self.proc, self.url = start_serve(["--model", str(model), "--disk-cache", str(disk), "--tier-load-policy",
+                                           "always", "--served-model-name", MODEL, "--shutdown-timeout",
+                                           str(shutdown_timeout)])  # fmt: skip
+        wait_healthy(self.proc, self.url)
 
 
 def stream_then_sigterm(server: Serve, max_tokens: int) -> tuple[list[dict], float]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import httpx
 import openai
 import pytest
 from conftest import LiveServer, assert_varied, keyed
-from redis_servers import free_ports
+from serve_processes import start_serve, wait_healthy
 
 BS = 16
 MODEL = "promptcache-default"  # the served name of LiveServer; the process below is given it too
@@ -46,21 +44,9 @@ def wait_for_writes(url: str, key: str = "none", blocks: int = 1) -> None:
 # ---- a real process, killed for real ----------------------------------------------------------------------------
 class ServeProcess:
     def __init__(self, model: Path, disk: Path) -> None:
-        self.port = free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "promptcache.cli", "serve", "--model", str(model), "--port", str(self.port),
-                "--kv-cache-memory-gb", "0.02", "--disk-cache", str(disk), "--tier-load-policy", "always",
-                "--log-level", "warning", "--served-model-name", MODEL]  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise AssertionError("the server did not start")
+        self.proc, self.url = start_serve(["--model", str(model), "--kv-cache-memory-gb", "0.02", "--disk-cache",
+                                           str(disk), "--tier-load-policy", "always", "--served-model-name", MODEL])
+        wait_healthy(self.proc, self.url)
 
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)

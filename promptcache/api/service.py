@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -153,6 +153,49 @@ class Service:
     ) -> AsyncIterator[RequestOutput]:
         """Run one request, yielding its outputs; records latency, tokens and cost when it finishes."""
         self.check(ids, params)
+        with self._tenant_slot(tenant, api):
+            breakpoints = [(n, TTL_SECONDS[ttl]) for n, ttl in cache_breakpoints]
+            request_id = f"{api}-{uuid.uuid4().hex}"
+            start = time.perf_counter()
+            last = start
+            first = True
+            try:
+                namespace = tenant.namespace(cache_salt)
+                gen = self.engine.generate(ids, params, namespace, request_id, breakpoints, retention)
+                # aclosing: a client gone mid-stream closes this generator, and so at once the engine's run (which
+                # aborts the request and frees its blocks), not whenever it is collected.
+                async with contextlib.aclosing(gen):
+                    async for out in gen:
+                        now = time.perf_counter()
+                        if first:
+                            self.metrics.ttft.observe(now - start)
+                            first = False
+                            meta = RESPONSE_META.get()
+                            if meta is not None:
+                                meta.setdefault("cached_tokens", out.num_cached_tokens)
+                        elif out.new_token_ids:
+                            self.metrics.itl.observe(now - last)
+                        last = now
+                        if out.finished:
+                            ids_for_replay = replay_ids(
+                                self.tokenizer, out.token_ids, out.text, self.engine.engine.eos_token_ids
+                            )
+                            if ids_for_replay is not None:
+                                self.replay.remember(tenant.name, out.text, ids_for_replay)
+                            self.metrics.requests.labels(api, out.finish_reason or "stop").inc()
+                        yield out
+            except QueueFullError as err:
+                self.metrics.requests.labels(api, "rejected").inc()
+                raise APIError(429, f"the server is busy: {err}", headers={"Retry-After": "1"}) from err
+            except ValueError as err:
+                raise APIError(400, str(err)) from err
+            except EngineDeadError as err:
+                self.metrics.requests.labels(api, "error").inc()
+                raise APIError(500, str(err)) from err
+
+    @contextlib.contextmanager
+    def _tenant_slot(self, tenant: Tenant, api: str) -> Iterator[None]:
+        """One of the tenant's concurrent requests, for as long as the block runs (429 when none is free)."""
         limit = tenant.max_concurrent or self.max_concurrent_per_tenant
         running = self._running.get(tenant.name, 0)
         if limit is not None and running >= limit:
@@ -161,63 +204,13 @@ class Service:
                            code="rate_limit_exceeded", headers={"Retry-After": "1"})  # fmt: skip
         self._running[tenant.name] = running + 1
         try:
-            # aclosing: a client gone mid-stream closes this generator, and so at once the run below (which aborts
-            # the engine request and frees its blocks), not whenever it is collected.
-            async with contextlib.aclosing(self._run(tenant, cache_salt, ids, params, api, cache_breakpoints,
-                                                     retention)) as run:  # fmt: skip
-                async for out in run:
-                    yield out
+            yield
         finally:
             left = self._running[tenant.name] - 1
             if left:
                 self._running[tenant.name] = left
             else:
                 del self._running[tenant.name]
-
-    async def _run(
-        self,
-        tenant: Tenant,
-        cache_salt: str | None,
-        ids: list[int],
-        params: SamplingParams,
-        api: str,
-        cache_breakpoints: Sequence[tuple[int, str]],
-        retention: float,
-    ) -> AsyncIterator[RequestOutput]:
-        breakpoints = [(n, TTL_SECONDS[ttl]) for n, ttl in cache_breakpoints]
-        request_id = f"{api}-{uuid.uuid4().hex}"
-        start = time.perf_counter()
-        last = start
-        first = True
-        try:
-            gen = self.engine.generate(ids, params, tenant.namespace(cache_salt), request_id, breakpoints, retention)
-            async for out in gen:
-                now = time.perf_counter()
-                if first:
-                    self.metrics.ttft.observe(now - start)
-                    first = False
-                    meta = RESPONSE_META.get()
-                    if meta is not None:
-                        meta.setdefault("cached_tokens", out.num_cached_tokens)
-                elif out.new_token_ids:
-                    self.metrics.itl.observe(now - last)
-                last = now
-                if out.finished:
-                    ids_for_replay = replay_ids(
-                        self.tokenizer, out.token_ids, out.text, self.engine.engine.eos_token_ids
-                    )
-                    if ids_for_replay is not None:
-                        self.replay.remember(tenant.name, out.text, ids_for_replay)
-                    self.metrics.requests.labels(api, out.finish_reason or "stop").inc()
-                yield out
-        except QueueFullError as err:
-            self.metrics.requests.labels(api, "rejected").inc()
-            raise APIError(429, f"the server is busy: {err}", headers={"Retry-After": "1"}) from err
-        except ValueError as err:
-            raise APIError(400, str(err)) from err
-        except EngineDeadError as err:
-            self.metrics.requests.labels(api, "error").inc()
-            raise APIError(500, str(err)) from err
 
     async def complete(
         self,
