@@ -157,6 +157,11 @@ def test_a_shared_system_prompt_lands_on_one_replica_with_device_hits_predicted_
         else:
             assert tiers_of(out.usage) == {"device": cached} and cached == common // BS * BS
     assert len(served) == 1
+    # The last answer, read through eleven device hits, equals the cold answer (a fresh namespace: no cache).
+    cold, _ = chat(client, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[-1]}],
+                   cache_salt="cold-reference")  # fmt: skip
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == out.choices[0].message.content
 
 
 def test_a_five_turn_chat_reads_each_previous_answer_from_cache_on_whichever_replica(fleet) -> None:
@@ -291,6 +296,8 @@ def test_load_returns_to_zero_after_32_streams_with_4_disconnects(fleet) -> None
                       for r in router.state()["replicas"]), 15, "load released")  # fmt: skip
     assert sum(r["load_own"]["requests"] for r in router.state()["replicas"]) >= 32
     until(lambda: all(httpx.get(f"{r.url}/health").json()["requests"] == 0 for r in fleet[1]), 15, "replicas idle")
+    # Cut streams aborted their requests on the replicas: no block is left in use anywhere.
+    assert [httpx.get(f"{r.url}/health").json()["blocks_in_use"] for r in fleet[1]] == [0, 0, 0]
 
 
 def test_a_second_router_agrees_with_the_first(fleet) -> None:
@@ -424,5 +431,7 @@ def test_a_killed_replica_fails_no_request_that_had_not_started_streaming(fleet)
     until(lambda: "r2" not in router.state()["up"], 10, "the dead replica leaves the rotation")
     _, headers = chat(router.client(), [{"role": "user", "content": "Still there?"}])
     assert headers[REPLICA_HEADER] in ("r0", "r1")
+    until(lambda: all(httpx.get(f"{r.url}/health").json()["blocks_in_use"] == 0 for r in replicas[:2]), 15,
+          "the survivors hold no block in use")  # fmt: skip
     victim.start().wait()  # it comes back: checked and admitted again, its view taken afresh
     until(lambda: "r2" in router.state()["up"], 20, "the replica rejoins")
