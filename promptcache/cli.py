@@ -88,7 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_name=name, tenancy=tenancy, prices=prices, response_cache=args.response_cache,
                           max_waiting=args.max_waiting, replica_name=args.replica_name or default_name(args.port),
                           kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb,
-                          max_concurrent_per_tenant=args.max_concurrent_per_tenant)  # fmt: skip
+                          max_concurrent_per_tenant=args.max_concurrent_per_tenant,
+                          max_tokens_limit=args.max_tokens_limit, max_messages=args.max_messages,
+                          body_timeout=args.body_timeout)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
     # SIGTERM (or Ctrl-C): stop accepting connections, let running requests finish for up to --shutdown-timeout
     # seconds (then abort them, freeing their blocks), stop publishing KV events, flush pending tier writes, exit 0.
@@ -127,7 +129,7 @@ def cmd_router(args: argparse.Namespace) -> int:
         replicas=args.replica, redis_url=args.redis_url, policy=args.policy, tenancy=tenancy,
         admin_key=args.replica_admin_key, decode_weight=args.decode_weight, affinity_tokens=args.affinity_tokens,
         tier_weights=weights or None, health_interval=args.health_interval, health_timeout=args.health_timeout,
-        max_body_mb=args.max_body_mb,
+        max_body_mb=args.max_body_mb, body_timeout=args.body_timeout,
     )  # fmt: skip
     _exit_0_on_sigterm()
     uvicorn.run(create_router_app(cfg), host=args.host, port=args.port, log_level=args.log_level,
@@ -201,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-concurrent-per-tenant", type=int, default=None,
                      help="requests one API key's tenant may run at once; more get 429 with Retry-After (a key's "
                           "own max_concurrent in --api-keys-file wins)")  # fmt: skip
+    srv.add_argument("--max-tokens-limit", type=int, default=None,
+                     help="the most output tokens one request may ask for (more is a 400; a key's own max_tokens in "
+                          "--api-keys-file wins; default: what the context leaves)")  # fmt: skip
+    srv.add_argument("--max-messages", type=int, default=2048, help="messages one conversation may hold (more: 400)")
+    srv.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds a client gets to send its whole request body (then 408)")
     srv.add_argument("--shutdown-timeout", type=float, default=30.0,
                      help="on SIGTERM, seconds running requests get to finish before they are aborted")
     srv.add_argument("--device", default="auto")
@@ -262,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(until they have: device=1, host=0.8, disk=0.6, redis=0.5)")  # fmt: skip
     rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
     rt.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
+    rt.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client gets to send its whole request body (then 408)")
     rt.add_argument("--shutdown-timeout", type=float, default=30.0,
                     help="on SIGTERM, seconds running requests get to finish before they are cut")
     rt.add_argument("--health-timeout", type=float, default=2.0,

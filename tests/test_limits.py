@@ -99,3 +99,78 @@ def test_a_tenant_over_its_concurrency_limit_gets_429_and_others_are_not_held(li
             assert again.status_code == 200
 
     asyncio.run(run())
+
+
+# ---- output tokens, messages, slow bodies ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory):
+    import json
+
+    from promptcache.api.server import ServerConfig
+    from promptcache.api.tenancy import Tenancy
+
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps({"key-small": {"tenant": "small", "max_tokens": 4}, "key-big": "big"}))
+    config = ServerConfig(tenancy=Tenancy.from_options(api_keys_file=str(keys)), max_tokens_limit=16,
+                          max_messages=3, body_timeout=1.0)  # fmt: skip
+    server = LiveServer(config)
+    yield server
+    server.stop()
+
+
+def ask(server: LiveServer, key: str, **body) -> httpx.Response:
+    body = {"model": "promptcache-default", "messages": [{"role": "user", "content": "Hi"}], **body}
+    return httpx.post(f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+
+
+def test_max_tokens_over_the_keys_own_cap_is_400_naming_it(capped) -> None:
+    resp = ask(capped, "key-small", max_tokens=5)
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert (error["code"], error["param"]) == ("max_tokens_exceeded", "max_tokens") and "limit of 4" in error["message"]
+    assert ask(capped, "key-small", max_tokens=4, ignore_eos=True).json()["usage"]["completion_tokens"] == 4
+
+
+def test_the_servers_cap_holds_for_keys_without_their_own(capped) -> None:
+    assert ask(capped, "key-big", max_completion_tokens=17).json()["error"]["param"] == "max_completion_tokens"
+    assert ask(capped, "key-big", max_tokens=16, ignore_eos=True).status_code == 200
+
+
+def test_with_no_max_tokens_a_request_gets_at_most_its_cap(capped) -> None:
+    usage = ask(capped, "key-small", ignore_eos=True).json()["usage"]
+    assert usage["completion_tokens"] == 4
+
+
+def test_the_messages_api_is_capped_in_its_own_format(capped) -> None:
+    body = {"model": "promptcache-default", "max_tokens": 64, "messages": [{"role": "user", "content": "Hi"}]}
+    resp = httpx.post(f"{capped.url}/v1/messages", json=body, headers={"x-api-key": "key-small"})
+    assert resp.status_code == 400 and resp.json()["type"] == "error"
+    assert resp.json()["error"]["type"] == "invalid_request_error" and "limit of 4" in resp.json()["error"]["message"]
+
+
+def test_a_conversation_over_the_message_limit_is_400(capped) -> None:
+    many = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}] * 2
+    resp = ask(capped, "key-big", messages=many)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "too_many_messages"
+    assert ask(capped, "key-big", messages=many[:3], max_tokens=2).status_code == 200
+
+
+def test_a_body_sent_too_slowly_gets_408_and_the_server_serves_others(capped) -> None:
+    import socket
+    import time
+
+    payload = b'{"model": "promptcache-default", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}'
+    with socket.create_connection(("127.0.0.1", capped.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer key-big\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:10])
+        start = time.monotonic()
+        # Meanwhile another client is served at once.
+        assert ask(capped, "key-big", max_tokens=2).status_code == 200
+        answer = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+        waited = time.monotonic() - start
+        answer = answer.decode()
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert '"code": "request_timeout"' in answer and "10 bytes came" in answer
+    assert 0.5 < waited < 5

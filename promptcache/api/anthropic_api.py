@@ -17,31 +17,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
 
 from promptcache.api.errors import APIError
 from promptcache.api.openai_api import TOOL_CALL, read_json, stream_response
 from promptcache.api.prompts import AnthropicPromptBody, Prompt
 from promptcache.api.prompts import _replayed_prefix as _replayed_prefix  # re-exported: tests use it from here
+from promptcache.api.schemas import CountTokensRequest, MessagesRequest, route_doc
 from promptcache.api.service import Service
 from promptcache.api.tenancy import Tenant
 from promptcache.engine.request import RequestOutput, SamplingParams
 from promptcache.pricing import TokenUsage
-
-
-# ---- request bodies --------------------------------------------------------------------------------------------
-class CountTokensRequest(AnthropicPromptBody):
-    model: str
-
-
-class MessagesRequest(CountTokensRequest):
-    max_tokens: int = Field(ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
-    stop_sequences: list[str] | None = None
-    stream: bool = False
-    metadata: dict[str, Any] | None = None
 
 
 def build_prompt(service: Service, tenant: Tenant, body: AnthropicPromptBody) -> Prompt:
@@ -247,11 +232,12 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
         if model != service.model_name:
             raise APIError(404, f"model: {model} (this server serves {service.model_name!r})", param="model")
 
-    @router.post("/v1/messages")
+    @router.post("/v1/messages", **route_doc("POST", "/v1/messages"))
     async def messages(request: Request) -> Any:
         tenant = authenticate(request)
         body = MessagesRequest.model_validate(await read_json(request))
         check_model(body.model)
+        service.check_messages(len(body.messages))
         prompt = build_prompt(service, tenant, body)
         params = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -260,7 +246,7 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
             max_tokens=body.max_tokens,
             stop=body.stop_sequences,
         )
-        service.check(prompt.ids, params)
+        service.check(prompt.ids, params, tenant=tenant)
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:
             return await stream_response(_message_events(service, tenant, body, prompt, params, msg_id), service)
@@ -273,11 +259,12 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
                 "content": content, "stop_reason": reason, "stop_sequence": sequence,
                 "usage": anthropic_usage(done.usage, done.cost)}  # fmt: skip
 
-    @router.post("/v1/messages/count_tokens")
+    @router.post("/v1/messages/count_tokens", **route_doc("POST", "/v1/messages/count_tokens"))
     async def count_tokens(request: Request) -> dict[str, Any]:
         tenant = authenticate(request)
         body = CountTokensRequest.model_validate(await read_json(request))
         check_model(body.model)
+        service.check_messages(len(body.messages))
         return {"input_tokens": len(build_prompt(service, tenant, body).ids)}
 
     return router

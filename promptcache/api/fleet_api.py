@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from promptcache.api.errors import APIError
+from promptcache.api.schemas import route_doc
 from promptcache.api.service import RESPONSE_META, Service
 from promptcache.fleet import keys
 from promptcache.fleet.events import KVEventPublisher
@@ -108,17 +109,17 @@ def build_router(service: Service, authenticate: Any, replica: Replica) -> APIRo
         if not authenticate(request).admin:
             raise APIError(403, "the fleet endpoints need an admin API key")
 
-    @router.get("/v1/fleet/info")
+    @router.get("/v1/fleet/info", **route_doc("GET", "/v1/fleet/info"))
     async def info(request: Request) -> dict[str, Any]:
         admin(request)
         return replica.info()
 
-    @router.get("/v1/fleet/tokenizer")
+    @router.get("/v1/fleet/tokenizer", **route_doc("GET", "/v1/fleet/tokenizer"))
     async def tokenizer(request: Request) -> dict[str, Any]:
         admin(request)
         return service.tokenizer.to_dict()
 
-    @router.get("/v1/fleet/snapshot")
+    @router.get("/v1/fleet/snapshot", **route_doc("GET", "/v1/fleet/snapshot"))
     async def snapshot(request: Request) -> dict[str, Any]:
         admin(request)
         publisher = replica.publisher

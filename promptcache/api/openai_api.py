@@ -8,15 +8,15 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
 from promptcache.api.errors import APIError
 from promptcache.api.prompts import normalize_messages
-from promptcache.api.service import Finished, Service
+from promptcache.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBody, route_doc
+from promptcache.api.service import MAX_CHOICES, Finished, Service
 from promptcache.api.tenancy import Tenant
 from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
 
@@ -24,58 +24,17 @@ DEFAULT_MAX_TOKENS = 512
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
 
 
-RETENTION_SECONDS = {"in_memory": 0.0, "24h": 86400.0}
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    top_k: int | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    n: int = Field(default=1, ge=1, le=16)
-    stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    user: str | None = None
-    prompt_cache_key: str | None = None
-    # "24h" keeps the prompt's blocks in the lower tiers (disk, Redis) for a day; "in_memory" is the default.
-    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
-    cache_salt: str | None = None
-    ignore_eos: bool = False
-
-    @property
-    def retention_seconds(self) -> float:
-        return RETENTION_SECONDS.get(self.prompt_cache_retention or "in_memory", 0.0)
-
-
-class ChatCompletionRequest(_Body):
-    messages: list[dict[str, Any]] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-
-class CompletionRequest(_Body):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
-
-
 def sampling_params(
-    body: _Body, max_tokens: int | None, logprobs: int | None, prompt_len: int, limit: int
+    body: OpenAIBody, max_tokens: int | None, logprobs: int | None, prompt_len: int, limit: int, cap: int | None = None
 ) -> SamplingParams:
+    """The engine's parameters; with no max_tokens, as many as the context leaves, up to DEFAULT_MAX_TOKENS and the
+    key's ``cap``."""
+    default = max(1, min(DEFAULT_MAX_TOKENS, limit - prompt_len, cap or DEFAULT_MAX_TOKENS))
     return SamplingParams(
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=body.top_k if body.top_k is not None else -1,
-        max_tokens=max_tokens if max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, limit - prompt_len)),
+        max_tokens=max_tokens if max_tokens is not None else default,
         seed=body.seed,
         stop=body.stop,
         ignore_eos=body.ignore_eos,
@@ -138,25 +97,27 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
             raise APIError(404, f"the model {model!r} does not exist; this server serves {service.model_name!r}",
                            param="model", code="model_not_found")  # fmt: skip
 
-    @router.get("/v1/models")
+    @router.get("/v1/models", **route_doc("GET", "/v1/models"))
     async def models(request: Request) -> dict[str, Any]:
         authenticate(request)
         return {"object": "list", "data": [
             {"id": service.model_name, "object": "model", "created": 0, "owned_by": "promptcache",
              "max_model_len": service.max_model_len}]}  # fmt: skip
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", **route_doc("POST", "/v1/chat/completions"))
     async def chat_completions(request: Request) -> Any:
         tenant = authenticate(request)
         raw = await read_json(request)
         body = ChatCompletionRequest.model_validate(raw)
         check_model(body.model)
+        service.check_messages(len(body.messages))
+        check_choices(body.n)
         ids = service.chat_ids(tenant, normalize_messages(body.messages), body.tools)
         top = body.top_logprobs or 0
-        params = sampling_params(body, body.max_completion_tokens or body.max_tokens,
-                                 top if body.logprobs else None, len(ids), service.max_model_len)  # fmt: skip
+        params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top if body.logprobs else None,
+                                 len(ids), service.max_model_len, service.max_tokens_cap(tenant))  # fmt: skip
         param_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        service.check(ids, params, param_name)
+        service.check(ids, params, param_name, tenant)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cache_key = service.response_cache.key(tenant, "chat", raw) if service.response_cache else None
         if cache_key and not body.stream:
@@ -190,7 +151,7 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
             service.response_cache.put(cache_key, response)  # type: ignore[union-attr]
         return response
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", **route_doc("POST", "/v1/completions"))
     async def completions(request: Request) -> Any:
         tenant = authenticate(request)
         body = CompletionRequest.model_validate(await read_json(request))
@@ -198,11 +159,13 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
         prompts = service.prompts.completion_prompts(body.prompt)
         if len(prompts) != 1 and body.stream:
             raise APIError(400, "streaming supports one prompt per request", param="prompt")
+        check_choices(len(prompts) * body.n)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         all_params = []
         for ids in prompts:
-            params = sampling_params(body, body.max_tokens, body.logprobs, len(ids), service.max_model_len)
-            service.check(ids, params)
+            params = sampling_params(body, body.max_tokens, body.logprobs, len(ids), service.max_model_len,
+                                     service.max_tokens_cap(tenant))  # fmt: skip
+            service.check(ids, params, tenant=tenant)
             all_params.append(params)
         if body.stream:
             return await stream_response(
@@ -234,6 +197,13 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
                 "choices": choices, "usage": usage}  # fmt: skip
 
     return router
+
+
+def check_choices(count: int) -> None:
+    """Refuse a request for more completions (prompts x n) than MAX_CHOICES: each is a run of its own."""
+    if count > MAX_CHOICES:
+        raise APIError(400, f"the request asks for {count} completions (prompts x n); at most {MAX_CHOICES} are "
+                       "served per request", param="prompt")  # fmt: skip
 
 
 def _zero_cost(cost: dict[str, Any]) -> dict[str, Any]:

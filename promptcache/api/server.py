@@ -13,11 +13,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from promptcache.api import fleet_api, openai_api
+from promptcache import __version__
+from promptcache.api import fleet_api, openai_api, schemas
 from promptcache.api.errors import APIError
-from promptcache.api.limits import DEFAULT_MAX_BODY_MB, BodyLimit
+from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import looks_anthropic
-from promptcache.api.service import Service
+from promptcache.api.service import DEFAULT_MAX_MESSAGES, Service
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine
 from promptcache.pricing import PriceTable
@@ -34,6 +35,9 @@ class ServerConfig:
     max_waiting: int = 1024
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 before they are read whole
     max_concurrent_per_tenant: int | None = None  # requests one tenant may run at once (a key's own limit wins)
+    max_tokens_limit: int | None = None  # output tokens one request may ask for (a key's own max_tokens wins)
+    max_messages: int = DEFAULT_MAX_MESSAGES  # messages one conversation may hold
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a client gets to send its whole body (then 408)
     replica_name: str | None = None  # this server's name in a fleet (default: host-pid)
     kv_events: bool = True  # with a Redis tier, publish KV events for fleet routers
 
@@ -42,7 +46,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     """The app; the engine thread starts and stops with it."""
     cfg = config or ServerConfig()
     service = Service(engine, cfg.served_model_name, cfg.tenancy, cfg.prices, cfg.response_cache,
-                      cfg.max_concurrent_per_tenant)  # fmt: skip
+                      cfg.max_concurrent_per_tenant, cfg.max_tokens_limit, cfg.max_messages)  # fmt: skip
     engine.max_waiting = cfg.max_waiting
     replica = fleet_api.Replica(service, cfg.replica_name or fleet_api.default_name(), cfg.kv_events)
 
@@ -58,7 +62,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.state.service = service
     app.state.replica = replica
     app.add_middleware(fleet_api.ReplicaHeaders, name=replica.name)
-    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)))
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)), timeout=cfg.body_timeout)
 
     def is_anthropic(request: Request) -> bool:
         return request.url.path.startswith("/v1/messages")
@@ -92,7 +96,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     app.state.authenticate = authenticate
 
-    @app.get("/health")
+    @app.get("/health", **schemas.route_doc("GET", "/health"))
     async def health() -> dict[str, Any]:
         """Liveness for load balancers and fleet routers. NOTE: it never waits for the engine thread (a long step
         must not make a busy replica look dead); the block count is read as it stands, between or during steps."""
@@ -101,7 +105,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                 "blocks_in_use": core.kv.pool.num_in_use, "replica": replica.name, "epoch": replica.epoch,
                 "tier_rates": core.tiers.rates() if core.tiers is not None else None}  # fmt: skip
 
-    @app.get("/v1/cache/integrity")
+    @app.get("/v1/cache/integrity", **schemas.route_doc("GET", "/v1/cache/integrity"))
     async def cache_integrity(request: Request) -> dict[str, Any]:
         """Admin: check the device pool's and every tier's invariants (``?deep=1`` also verifies every entry)."""
         tenant = authenticate(request)
@@ -111,12 +115,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         problems = await service.engine.call_async(lambda e: e.check_integrity(deep))
         return {"ok": not any(problems.values()), "problems": problems}
 
-    @app.get("/metrics")
+    @app.get("/metrics", **schemas.route_doc("GET", "/metrics"))
     async def metrics() -> Response:
         await service.cache_stats()
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/v1/cache/stats")
+    @app.get("/v1/cache/stats", **schemas.route_doc("GET", "/v1/cache/stats"))
     async def cache_stats(request: Request) -> dict[str, Any]:
         authenticate(request)
         stats = await service.cache_stats()
@@ -124,28 +128,31 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                 "response_cache_entries": len(service.response_cache.entries) if service.response_cache else None,
                 "pricing_per_million_tokens": service.prices.as_dict()}  # fmt: skip
 
-    @app.post("/v1/cache/explain")
+    @app.post("/v1/cache/explain", **schemas.route_doc("POST", "/v1/cache/explain"))
     async def cache_explain(request: Request) -> dict[str, Any]:
         tenant = authenticate(request)
         body = await openai_api.read_json(request)
+        options = schemas.ExplainRequest.model_validate(body)
+        if isinstance(body.get("messages"), list):
+            service.check_messages(len(body["messages"]))
         anthropic_shaped = "system" in body or looks_anthropic(body)
-        api = body.get("api") or ("anthropic" if anthropic_shaped else "openai")
-        ids, salt = service.prompts.explain_ids(api, tenant.name, body)  # 400 for an unknown api
+        api = options.api or ("anthropic" if anthropic_shaped else "openai")
+        ids, salt = service.prompts.explain_ids(api, tenant.name, body)
         namespace = tenant.namespace(salt)
         info = await service.engine.call_async(lambda e: e.explain(ids, namespace))
-        if body.get("addresses"):  # the block addresses looked up (a fleet router checks its own against them)
+        if options.addresses:  # the block addresses looked up (a fleet router checks its own against them)
             info["block_addresses"] = [h.hex() for h in service.engine.engine.kv.addresses(namespace, ids)]
         return {"api": api, **info}
 
-    @app.post("/v1/cache/reset")
+    @app.post("/v1/cache/reset", **schemas.route_doc("POST", "/v1/cache/reset"))
     async def cache_reset(request: Request) -> dict[str, Any]:
         """Admin: forget the device pool's idle blocks; ``{"tiers": true}`` also the local tiers' entries, and
         ``{"shared": true}`` also this model's entries in Redis (which every replica reads)."""
         tenant = authenticate(request)
         if not tenant.admin:
             raise APIError(403, "resetting the cache needs an admin API key")
-        body = await openai_api.read_json(request) if await request.body() else {}
-        tiers, shared = bool(body.get("tiers") or body.get("shared")), bool(body.get("shared"))
+        body = schemas.ResetRequest.model_validate(await openai_api.read_json(request) if await request.body() else {})
+        tiers, shared = body.tiers or body.shared, body.shared
         dropped = await service.engine.call_async(lambda e: e.reset_cache(tiers, shared))
         if replica.publisher is not None:
             replica.publisher.reset()  # routers rebuild their view of this replica from a snapshot
@@ -159,4 +166,5 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         anthropic_api = None  # type: ignore[assignment]
     if anthropic_api is not None:
         app.include_router(anthropic_api.build_router(service, authenticate))
+    schemas.document(app, __version__)
     return app

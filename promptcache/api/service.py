@@ -24,6 +24,8 @@ from promptcache.pricing import PriceTable, TokenUsage
 from promptcache.replay import make_replay_store, replay_ids
 
 TTL_SECONDS = {"5m": 300.0, "1h": 3600.0}
+DEFAULT_MAX_MESSAGES = 2048  # messages in one conversation (every one is rendered by the chat template)
+MAX_CHOICES = 128  # completions one request may ask for (prompts x n): each is a run of its own
 # Per HTTP request: what the engine reported once the prompt was prefilled (``cached_tokens``), for the response's
 # headers (``fleet_api.ReplicaHeaders`` sets a fresh dict per request; a fleet router reads the header).
 RESPONSE_META: ContextVar[dict[str, Any] | None] = ContextVar("promptcache_response_meta", default=None)
@@ -78,8 +80,14 @@ class Service:
         prices: PriceTable,
         response_cache: bool = False,
         max_concurrent_per_tenant: int | None = None,
+        max_tokens_limit: int | None = None,
+        max_messages: int = DEFAULT_MAX_MESSAGES,
     ):
         self.engine = engine
+        # The most output tokens one request may ask for (a key's own ``max_tokens`` wins), and the most messages
+        # one conversation may hold: what a public endpoint bounds before it queues anything.
+        self.max_tokens_limit = max_tokens_limit
+        self.max_messages = max_messages
         # Requests each tenant runs now, and the default cap (a key's own ``max_concurrent`` wins): one tenant
         # cannot fill the queue that every other tenant waits in.
         self.max_concurrent_per_tenant = max_concurrent_per_tenant
@@ -116,8 +124,25 @@ class Service:
         """The ids of a completion prompt's text (:meth:`PromptRenderer.text_ids`)."""
         return self.prompts.text_ids(text)
 
-    def check(self, ids: list[int], params: SamplingParams, max_tokens_param: str = "max_tokens") -> None:
-        """Refuse, before queueing, a request the engine could not serve (400 with the reason)."""
+    def max_tokens_cap(self, tenant: Tenant) -> int | None:
+        """The most output tokens ``tenant`` may ask for in one request (None: only the context bounds it)."""
+        return tenant.max_tokens or self.max_tokens_limit
+
+    def check_messages(self, count: int, param: str = "messages") -> None:
+        """Refuse a conversation of more than ``max_messages`` messages (400)."""
+        if count > self.max_messages:
+            raise APIError(400, f"{param} holds {count} messages; this server takes at most {self.max_messages}",
+                           param=param, code="too_many_messages")  # fmt: skip
+
+    def check(
+        self, ids: list[int], params: SamplingParams, max_tokens_param: str = "max_tokens",
+        tenant: Tenant | None = None,
+    ) -> None:  # fmt: skip
+        """Refuse, before queueing, a request the engine could not serve or that passes a limit (400, why)."""
+        cap = None if tenant is None else self.max_tokens_cap(tenant)
+        if cap is not None and params.max_tokens > cap:
+            raise APIError(400, f"{max_tokens_param}={params.max_tokens} is over this API key's limit of {cap} "
+                           "output tokens per request", param=max_tokens_param, code="max_tokens_exceeded")  # fmt: skip
         if not ids:
             raise APIError(400, "the prompt is empty", param="messages")
         if len(ids) >= self.max_model_len:

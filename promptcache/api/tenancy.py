@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -9,6 +10,7 @@ import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from promptcache.api.errors import APIError
 
@@ -20,6 +22,7 @@ class Tenant:
     name: str
     admin: bool = False
     max_concurrent: int | None = None  # requests this tenant may run at once (None: the server's default)
+    max_tokens: int | None = None  # the most output tokens one request may ask for (None: the server's default)
 
     def namespace(self, cache_salt: str | None = None) -> str:
         """The cache namespace: the tenant, partitioned further by an optional salt.
@@ -54,7 +57,8 @@ class Tenancy:
     def from_options(cls, api_keys: list[str] | None = None, api_keys_file: str | None = None,
                      admin_keys: list[str] | None = None) -> Tenancy:  # fmt: skip
         """Keys from ``--api-key`` (each its own tenant, named by the key's position) and a JSON file mapping
-        each key to its tenant's name (or to ``{"tenant": name, "admin": true}``)."""
+        each key to its tenant's name, or to ``{"tenant": name, "admin": true, "max_concurrent": n, "max_tokens": n}``
+        (every field but the name optional)."""
         keys: dict[str, Tenant] = {}
         for i, key in enumerate(api_keys or []):
             keys[key] = Tenant(f"key-{i}")
@@ -69,15 +73,12 @@ class Tenancy:
                 if isinstance(value, str):
                     keys[key] = Tenant(value)
                 elif isinstance(value, dict) and isinstance(value.get("tenant"), str):
-                    limit = value.get("max_concurrent")
-                    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-                        raise ValueError(f"API keys file: max_concurrent must be a positive integer, got {limit!r}")
-                    keys[key] = Tenant(value["tenant"], bool(value.get("admin", False)), limit)
+                    limits = {name: _positive(value.get(name), name) for name in ("max_concurrent", "max_tokens")}
+                    keys[key] = Tenant(value["tenant"], bool(value.get("admin", False)), **limits)
                 else:
                     raise ValueError(f"API keys file: the value for a key must be a tenant name, got {value!r}")
         for key in admin_keys or []:
-            keys[key] = Tenant(keys[key].name if key in keys else "admin", True,
-                               keys[key].max_concurrent if key in keys else None)  # fmt: skip
+            keys[key] = dataclasses.replace(keys[key], admin=True) if key in keys else Tenant("admin", True)
         return cls(keys)
 
     def resolve(self, headers: Mapping[str, str]) -> Tenant:
@@ -94,6 +95,12 @@ class Tenancy:
         if found is None or not hmac.compare_digest(found[0].encode(), key.encode()):
             raise APIError(401, "invalid API key", code="invalid_api_key")
         return found[1]
+
+
+def _positive(value: Any, name: str) -> int | None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"API keys file: {name} must be a positive integer, got {value!r}")
+    return value
 
 
 def _digest(key: str) -> bytes:

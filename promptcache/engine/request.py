@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from promptcache.cache.manager import SeqBlocks
 
+MIN_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -54,7 +56,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # NOTE: below MIN_TEMPERATURE, sampling is greedy: logits divided by a denormal temperature (5e-324 is valid
+        # JSON) overflow to inf, and a softmax of inf is NaN, which failed the whole batch's step.
+        return self.temperature < MIN_TEMPERATURE
 
 
 @dataclass

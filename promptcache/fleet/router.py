@@ -30,10 +30,13 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
 from starlette.types import Receive, Scope, Send
 
+from promptcache import __version__
+from promptcache.api import schemas
 from promptcache.api.errors import APIError
-from promptcache.api.limits import DEFAULT_MAX_BODY_MB, BodyLimit
+from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import AnthropicPromptBody, looks_anthropic
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.cache.hashing import BlockHash
@@ -77,6 +80,7 @@ class RouterConfig:
     connect_timeout: float = 2.0
     read_timeout: float = 600.0
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 at the router
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a client gets to send its whole body (then 408)
 
 
 @dataclass
@@ -241,8 +245,11 @@ class Router:
         if prompt is not None:
             assert self.model is not None
             ids, salt = prompt
-            n_prompt = len(ids)
-            hashes = self.model.addresses(tenant.namespace(salt), ids)
+            try:
+                hashes = self.model.addresses(tenant.namespace(salt), ids)
+                n_prompt = len(ids)
+            except (TypeError, ValueError, OverflowError):  # ids or a salt the replica will refuse: route by load
+                hashes = []
         in_redis = self._in_redis(hashes)
         aff_key = self._affinity_key(body)
         aff_replica = self._affinity(tenant, aff_key) if aff_key else None
@@ -482,7 +489,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
 
     app = FastAPI(title="promptcache router", lifespan=lifespan)
     app.state.router = router
-    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)))
+    app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)), timeout=cfg.body_timeout)
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
         body = err.anthropic_body() if _is_anthropic(request.url.path) else err.openai_body()
@@ -510,11 +517,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         path = request.url.path
         tenant = authenticate(request)
         raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = {}  # the replica answers it with the right error
-        body = body if isinstance(body, dict) else {}
+        body = _json_object(raw)  # not JSON, or not an object: the replica answers it with the right error
         forced = request.headers.get(REPLICA_HEADER)
         if forced is not None and not tenant.admin:
             raise APIError(403, f"choosing the replica ({REPLICA_HEADER}) needs an admin API key")
@@ -524,7 +527,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         return await router.forward(request, path, raw, tenant, decision)
 
     for route in ROUTED:
-        app.add_api_route(route, routed, methods=["POST"], include_in_schema=True)
+        app.add_api_route(route, routed, methods=["POST"], **schemas.route_doc("POST", route))
 
     async def anywhere(request: Request) -> Response:
         """Endpoints any replica answers alike: the least loaded one that is up."""
@@ -535,15 +538,16 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         body = await request.body()
         return await router.forward(request, request.url.path, body, Tenant("-"), decision, runs=False)
 
-    app.add_api_route("/v1/models", anywhere, methods=["GET"])
-    app.add_api_route("/v1/messages/count_tokens", anywhere, methods=["POST"])
+    app.add_api_route("/v1/models", anywhere, methods=["GET"], **schemas.route_doc("GET", "/v1/models"))
+    app.add_api_route("/v1/messages/count_tokens", anywhere, methods=["POST"],
+                      **schemas.route_doc("POST", "/v1/messages/count_tokens"))  # fmt: skip
 
-    @app.post("/v1/cache/explain")
+    @app.post("/v1/cache/explain", **schemas.route_doc("POST", "/v1/cache/explain"))
     async def explain(request: Request) -> Response:
         """The replica the router would choose explains the prompt; the router adds its prediction for each."""
         tenant = authenticate(request)
         raw = await request.body()
-        body = json.loads(raw) if raw else {}
+        body = _json_object(raw)  # not JSON, or not an object: the replica answers it with the right error
         decision = await asyncio.to_thread(router.decide, tenant, "/v1/cache/explain", body)
         resp = await router.forward(request, "/v1/cache/explain", raw, tenant, decision, runs=False)
         if resp.status_code != 200:
@@ -556,39 +560,62 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
     def forward_headers(request: Request) -> dict[str, str]:
         return {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
 
-    @app.get("/v1/cache/stats")
+    @app.get("/v1/cache/stats", **schemas.route_doc("GET", "/v1/cache/stats"))
     async def stats(request: Request) -> dict[str, Any]:
         authenticate(request)
         return {"replicas": await router.each("GET", "/v1/cache/stats", forward_headers(request)),
                 "router": router.state()}  # fmt: skip
 
-    @app.post("/v1/cache/reset")
+    @app.post("/v1/cache/reset", **schemas.route_doc("POST", "/v1/cache/reset"))
     async def reset(request: Request) -> dict[str, Any]:
         admin(request)
-        answers = await router.each("POST", "/v1/cache/reset", forward_headers(request), await request.body())
+        raw = await request.body()
+        _validated(schemas.ResetRequest, raw)  # refused here, not once per replica
+        answers = await router.each("POST", "/v1/cache/reset", forward_headers(request), raw)
         return {"reset": all(a.get("reset") for a in answers.values()), "replicas": answers}
 
-    @app.get("/v1/cache/integrity")
+    @app.get("/v1/cache/integrity", **schemas.route_doc("GET", "/v1/cache/integrity"))
     async def integrity(request: Request) -> dict[str, Any]:
         admin(request)
         query = f"?{request.url.query}" if request.url.query else ""
         answers = await router.each("GET", "/v1/cache/integrity" + query, forward_headers(request))
         return {"ok": all(a.get("ok") for a in answers.values()), "replicas": answers}
 
-    @app.get("/v1/fleet")
+    @app.get("/v1/fleet", **schemas.route_doc("GET", "/v1/fleet"))
     async def fleet(request: Request) -> dict[str, Any]:
         admin(request)
         return router.state()
 
-    @app.get("/health")
+    @app.get("/health", **schemas.route_doc("GET", "/health"))
     async def health() -> JSONResponse:
         up = len(router.replicas.up())
         return JSONResponse({"status": "ok" if up else "unavailable", "replicas_up": up,
                              "replicas": len(router.replicas.replicas)}, status_code=200 if up else 503)  # fmt: skip
 
-    @app.get("/metrics")
+    @app.get("/metrics", **schemas.route_doc("GET", "/metrics"))
     async def metrics() -> Response:
         router.refresh_gauges()
         return Response(generate_latest(router.metrics.registry), media_type="text/plain; version=0.0.4")
 
+    schemas.document(app, __version__)
     return app
+
+
+def _validated(model: type[BaseModel], raw: bytes) -> BaseModel:
+    """``raw`` (empty: {}) validated as ``model``; a 400 that says what is wrong otherwise."""
+    try:
+        return model.model_validate(json.loads(raw) if raw.strip() else {})
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the request body is not valid JSON: {err}") from err
+    except ValidationError as err:
+        where = ".".join(str(x) for x in err.errors()[0]["loc"])
+        raise APIError(400, f"invalid request: {where}: {err.errors()[0]['msg']}", param=where or None) from err
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or {} when it is not one."""
+    try:
+        body = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return body if isinstance(body, dict) else {}
