@@ -193,7 +193,9 @@ class ExplainRequest(_Open):
 
     model_config = ConfigDict(strict=True)
 
-    api: Literal["openai", "anthropic"] | None = Field(default=None, description="default: told by the body's shape")
+    # A string here; ``PromptRenderer.explain_ids`` refuses other values (as a router's renderer does, alike).
+    api: str | None = Field(default=None, description="default: told by the body's shape",
+                            json_schema_extra={"enum": ["openai", "anthropic", None]})  # fmt: skip
     addresses: bool = Field(default=False, description="also return the block addresses looked up")
     cache_salt: str | None = None
 
