@@ -102,7 +102,7 @@ openai_message = st.one_of(
                                {"type": st.sampled_from(["text", "input_text", "image_url"]), "text": text}),
                                max_size=3) | st.none()}),
     st.fixed_dictionaries({"role": st.just("assistant"), "content": st.none() | text,
-                           "tool_calls": st.lists(tool_call, max_size=2)}),
+                           "tool_calls": st.lists(tool_call | text | st.just({"function": "f"}), max_size=2)}),
     st.fixed_dictionaries({"role": st.just("tool"), "content": text, "tool_call_id": st.text(max_size=8)}),
     st.dictionaries(st.sampled_from(["role", "content", "name"]), text | st.integers() | st.none(), max_size=3),
 )  # fmt: skip
@@ -113,7 +113,7 @@ chat_body = st.fixed_dictionaries(
     optional={
         "max_tokens": st.integers(-1, MAX_TOKENS + 2), "temperature": st.sampled_from([0.0, 0.7, 2.0, 2.5, -1]),
         "top_p": st.sampled_from([0.0, 0.5, 1.0]), "top_k": st.sampled_from([-1, 0, 1, 50]),
-        "stop": text | st.lists(text, max_size=3), "n": st.integers(0, 3), "seed": st.integers(-5, 2**40),
+        "stop": text | st.lists(text, max_size=3), "n": st.integers(0, 3), "seed": st.integers(-(2**70), 2**70),
         "stream": st.booleans(), "stream_options": st.just({"include_usage": True}),
         "logprobs": st.booleans(), "top_logprobs": st.integers(-1, 21), "tools": st.lists(function_tool, max_size=2),
         "cache_salt": text, "prompt_cache_key": text, "prompt_cache_retention": st.sampled_from(["in_memory", "24h"]),
@@ -226,6 +226,22 @@ def test_generated_conversations_are_served_or_refused_never_crash(server) -> No
     assert statuses[400] >= 50, f"too few were refused to exercise the checks: {statuses}"
     drained(server)
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_a_body_nested_past_the_parser_is_400_and_the_connection_serves_on(server) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with httpx.Client(base_url=server.url, timeout=30) as client:  # one keep-alive connection for all three
+        for path in ("/v1/chat/completions", "/v1/messages", "/v1/cache/explain"):
+            resp = client.post(path, content=deep, headers={"content-type": "application/json"})
+            assert resp.status_code == 400 and "RecursionError" in resp.text, resp.text[:300]
+            error_format(path, resp)
+        ok = client.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert ok.status_code == 200
+
+
+def test_a_seed_past_64_bits_is_refused_alone(server) -> None:
+    resp = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "Hi", "seed": 2**64})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "seed"
 
 
 # ---- the router --------------------------------------------------------------------------------------------------

@@ -10,12 +10,11 @@ server and the fleet router both use it.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from promptcache.api.errors import APIError
+from promptcache.api.errors import APIError, send_error
 
 DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_BODY_TIMEOUT = 30.0
@@ -76,9 +75,4 @@ class BodyLimit:
 
     @staticmethod
     async def _refuse(scope: Scope, send: Send, err: APIError) -> None:
-        anthropic = str(scope.get("path", "")).startswith("/v1/messages")
-        payload = json.dumps(err.anthropic_body() if anthropic else err.openai_body()).encode()
-        await send({"type": "http.response.start", "status": err.status, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-            (b"connection", b"close")]})  # fmt: skip
-        await send({"type": "http.response.body", "body": payload})
+        await send_error(scope, send, err)  # the connection closes: the rest of the body is not read

@@ -213,8 +213,8 @@ def _zero_cost(cost: dict[str, Any]) -> dict[str, Any]:
 async def read_json(request: Request) -> dict[str, Any]:
     try:
         body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from err
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the parser goes
+        raise APIError(400, f"the request body is not valid JSON: {type(err).__name__}: {err}") from err
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     return body
@@ -253,8 +253,11 @@ async def stream_response(chunks: AsyncIterator[bytes], service: Service) -> Str
 
     async def body() -> AsyncIterator[bytes]:
         yield first
-        async for chunk in chunks:
-            yield chunk
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except APIError as err:  # the status is sent: say it in the stream, as OpenAI does, and end it cleanly
+            yield _sse(err.openai_body())
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -67,6 +67,7 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
         norm: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content or ""}
         if role == "assistant" and msg.get("tool_calls"):
+            _check_tool_calls(msg["tool_calls"], i)
             norm["tool_calls"] = [
                 {"type": "function", "id": c.get("id"), "function": {
                     "name": c.get("function", {}).get("name"),
@@ -77,6 +78,18 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             norm["tool_call_id"] = msg.get("tool_call_id")
         out.append(norm)
     return out
+
+
+def _check_tool_calls(calls: Any, i: int) -> None:
+    """Each tool call of an assistant message is an object with a ``function`` object that names the function."""
+    where = f"messages[{i}].tool_calls"
+    if not isinstance(calls, list):
+        raise APIError(400, f"{where} must be a list of tool calls", param=where)
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise APIError(400, f"{where}[{j}] must be an object with a function object that has a name",
+                           param=where)  # fmt: skip
 
 
 def _parse_args(args: Any) -> Any:
@@ -92,7 +105,7 @@ def _parse_args(args: Any) -> Any:
 class AnthropicPromptBody(BaseModel):
     """What shapes the prompt of an Anthropic request (all of /v1/cache/explain needs)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str | None = None
     messages: list[dict[str, Any]] = Field(min_length=1)

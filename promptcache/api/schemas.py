@@ -25,9 +25,10 @@ REF = "#/components/schemas/{model}"
 
 
 class _Open(BaseModel):
-    """Extra fields are accepted (clients send fields we do not use) and kept."""
+    """Extra fields are accepted (clients send fields we do not use) and kept. Strict: ``true`` is no integer and
+    ``"1"`` no number (an int is still a float)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 # ---- OpenAI: what messages look like -----------------------------------------------------------------------------
@@ -76,7 +77,7 @@ class OpenAIBody(_Open):
     top_k: int | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: dict[str, Any] | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,15 +14,13 @@ from pydantic import ValidationError
 
 from promptcache import __version__
 from promptcache.api import fleet_api, openai_api, schemas
-from promptcache.api.errors import APIError
+from promptcache.api.errors import APIError, ErrorBoundary, error_body
 from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import looks_anthropic
 from promptcache.api.service import DEFAULT_MAX_MESSAGES, Service
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine
 from promptcache.pricing import PriceTable
-
-log = logging.getLogger("promptcache.server")
 
 
 @dataclass
@@ -63,13 +60,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
     app.state.replica = replica
     app.add_middleware(fleet_api.ReplicaHeaders, name=replica.name)
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)), timeout=cfg.body_timeout)
-
-    def is_anthropic(request: Request) -> bool:
-        return request.url.path.startswith("/v1/messages")
+    app.add_middleware(ErrorBoundary)
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
-        body = err.anthropic_body() if is_anthropic(request) else err.openai_body()
-        return JSONResponse(body, status_code=err.status, headers=err.headers)
+        return JSONResponse(error_body(request.url.path, err), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, err: APIError) -> JSONResponse:
@@ -85,11 +79,6 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
             parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
         param = ".".join(str(x) for x in errors[0].get("loc", ()) if x != "body") if errors else None
         return error_response(request, APIError(400, "invalid request: " + "; ".join(parts), param=param))
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error serving %s", request.url.path)
-        return error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
 
     def authenticate(request: Request) -> Tenant:
         return service.tenancy.resolve(request.headers)

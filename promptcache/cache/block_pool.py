@@ -235,6 +235,7 @@ class BlockPool:
                 if pinned_now >= self.max_pinned:
                     break
                 pinned_now += 1
+                blk.pin_ttl = 0.0  # an expired pin is over: its TTL must not make hits renew this one for longer
             blk.pinned_until = max(blk.pinned_until, until)
             blk.pin_ttl = max(blk.pin_ttl, until - now)
             self._pins[blk.block_id] = blk

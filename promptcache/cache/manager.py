@@ -150,10 +150,14 @@ class KVCacheManager:
 
     def _need(self, hit: list[Block], num_tokens: int) -> int | None:
         """New blocks a device hit plus ``num_tokens`` more tokens take; None when the pool has fewer to give."""
-        # Cached blocks with ref 0 count as available to the pool; taking them is not taking new room.
-        idle_hits = sum(1 for b in hit if b.ref_count == 0)
+        # Idle unpinned hits count as available to the pool; taking them is not taking new room. Idle pinned hits are
+        # not counted there, so they must not be taken off it either (read the clock after num_available, which
+        # expires pins: a pin ending in between then errs on the side of too little room, never too much).
+        available = self.pool.num_available
+        now = self.pool.now()
+        idle_hits = sum(1 for b in hit if b.ref_count == 0 and b.pinned_until <= now)
         need = self.blocks_for(len(hit) * self.block_size + num_tokens) - len(hit)
-        return need if need <= self.pool.num_available - idle_hits else None
+        return need if need <= available - idle_hits else None
 
     def _origin(self, seq: SeqBlocks, token_ids: Sequence[int], i: int) -> tuple[BlockHash, tuple[int, ...]]:
         """Block ``i``'s parent address and tokens."""

@@ -35,7 +35,7 @@ from starlette.types import Receive, Scope, Send
 
 from promptcache import __version__
 from promptcache.api import schemas
-from promptcache.api.errors import APIError
+from promptcache.api.errors import APIError, ErrorBoundary, error_body, is_anthropic
 from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import AnthropicPromptBody, looks_anthropic
 from promptcache.api.tenancy import Tenancy, Tenant
@@ -138,13 +138,9 @@ class _Relay(StreamingResponse):
             await self._on_close()
 
 
-def _is_anthropic(path: str) -> bool:
-    return path.startswith("/v1/messages")
-
-
 def error_event(path: str, message: str) -> bytes:
     """A failed stream's last event, in the format of the API being streamed."""
-    if _is_anthropic(path):
+    if is_anthropic(path):
         body = {"type": "error", "error": {"type": "api_error", "message": message}}
         return f"event: error\ndata: {json.dumps(body)}\n\n".encode()
     body = {"error": {"message": message, "type": "server_error", "param": None, "code": "replica_failed"}}
@@ -490,19 +486,11 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
     app = FastAPI(title="promptcache router", lifespan=lifespan)
     app.state.router = router
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)), timeout=cfg.body_timeout)
-
-    def error_response(request: Request, err: APIError) -> JSONResponse:
-        body = err.anthropic_body() if _is_anthropic(request.url.path) else err.openai_body()
-        return JSONResponse(body, status_code=err.status, headers=err.headers)
+    app.add_middleware(ErrorBoundary)
 
     @app.exception_handler(APIError)
     async def on_api_error(request: Request, err: APIError) -> JSONResponse:
-        return error_response(request, err)
-
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error routing %s", request.url.path)
-        return error_response(request, APIError(500, f"internal error: {type(err).__name__}: {err}"))
+        return JSONResponse(error_body(request.url.path, err), status_code=err.status, headers=err.headers)
 
     def authenticate(request: Request) -> Tenant:
         return cfg.tenancy.resolve(request.headers)
@@ -604,9 +592,11 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
 def _validated(model: type[BaseModel], raw: bytes) -> BaseModel:
     """``raw`` (empty: {}) validated as ``model``; a 400 that says what is wrong otherwise."""
     try:
-        return model.model_validate(json.loads(raw) if raw.strip() else {})
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}") from err
+        body = json.loads(raw) if raw.strip() else {}
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested deeper than the parser goes
+        raise APIError(400, f"the request body is not valid JSON: {type(err).__name__}: {err}") from err
+    try:
+        return model.model_validate(body)
     except ValidationError as err:
         where = ".".join(str(x) for x in err.errors()[0]["loc"])
         raise APIError(400, f"invalid request: {where}: {err.errors()[0]['msg']}", param=where or None) from err
@@ -616,6 +606,6 @@ def _json_object(raw: bytes) -> dict[str, Any]:
     """The body as a JSON object, or {} when it is not one."""
     try:
         body = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         return {}
     return body if isinstance(body, dict) else {}

@@ -398,6 +398,9 @@ class TierStack:
     def clear(self, shared: bool = False) -> dict[str, int]:
         """Drop every entry of this model from each tier (a shared tier only when ``shared``)."""
         self.flush()
+        # NOTE: what was sent below is gone: a block computed from now on is written through again, not skipped as
+        # sent (a block no lookup walks, such as the one holding a prompt's last token, would never go down again).
+        self._sent_below = _Recent()
         return {t.name: t.clear() for t in self.tiers if shared or not t.shared}
 
     def check_integrity(self, deep: bool = False) -> dict[str, list[str]]:
