@@ -130,7 +130,7 @@ def test_serve_command_starts_and_answers(tmp_path: Path) -> None:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "promptcache.cli", "serve", "--port", str(port), "--kv-cache-memory-gb", "0.05",
-         "--api-key", "secret", "--log-level", "warning", "--eviction-policy", "lru"],
+         "--api-key", "secret", "--admin-key", "ops", "--log-level", "warning", "--eviction-policy", "lru"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
@@ -147,6 +147,8 @@ def test_serve_command_starts_and_answers(tmp_path: Path) -> None:
                          json={"model": "promptcache-default", "prompt": "Hi", "max_tokens": 2})  # fmt: skip
         assert res.status_code == 200 and res.json()["usage"]["completion_tokens"] == 2
         stats = httpx.get(f"http://127.0.0.1:{port}/v1/cache/stats", headers={"authorization": "Bearer secret"})
+        assert stats.status_code == 403  # every tenant's traffic is counted there: admins only
+        stats = httpx.get(f"http://127.0.0.1:{port}/v1/cache/stats", headers={"authorization": "Bearer ops"})
         assert stats.json()["eviction_policy"] == "lru"
     finally:
         proc.terminate()

@@ -394,7 +394,8 @@ def test_5m_breakpoint_writes_the_prefix_then_reads_it(varied_servers: tuple[Liv
     assert u.cache_creation.ephemeral_1h_input_tokens == 0 and u.cache_read_input_tokens == 0
     assert u.input_tokens == len(prompt1.ids) - p // BS * BS
     assert u.model_extra["cost"]["cache_write_5m"] > 0
-    stats = httpx.get(f"{server.url}/v1/cache/stats", headers={"x-api-key": "key-alice"}).json()
+    assert httpx.get(f"{server.url}/v1/cache/stats", headers={"x-api-key": "key-alice"}).status_code == 403
+    stats = httpx.get(f"{server.url}/v1/cache/stats", headers={"x-api-key": "key-admin"}).json()
     assert stats["blocks_pinned"] >= p // BS
 
     second = create(c, "Another one.", system=system, max_tokens=16)

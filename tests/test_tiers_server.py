@@ -93,7 +93,7 @@ def chat(server: LiveServer, key: str, **extra):
 def test_a_prompt_computed_on_one_replica_is_a_redis_hit_on_another_only_for_its_tenant(replicas) -> None:
     a, b = replicas
     first = chat(a, "key-alice")
-    wait_for_writes(a.url, "key-alice")
+    wait_for_writes(a.url, "key-admin")
     assert chat(b, "key-bob").usage.prompt_tokens_details.cached_tokens == 0
     assert chat(b, "key-alice", cache_salt="other").usage.prompt_tokens_details.cached_tokens == 0
     shared = chat(b, "key-alice")
@@ -109,7 +109,7 @@ def test_anthropic_usage_reports_cache_reads_by_tier(replicas) -> None:
     ask = dict(model=MODEL, max_tokens=8, system=system,
                messages=[{"role": "user", "content": "Hi"}])  # fmt: skip
     anthropic.Anthropic(base_url=a.url, api_key="key-alice", max_retries=0).messages.create(**ask)
-    wait_for_writes(a.url, "key-alice")
+    wait_for_writes(a.url, "key-admin")
     msg = anthropic.Anthropic(base_url=b.url, api_key="key-alice", max_retries=0).messages.create(**ask)
     assert msg.usage.cache_read_input_tokens >= 4 * BS
     assert (msg.usage.model_extra or {})["cached_tokens_by_tier"] == {"redis": msg.usage.cache_read_input_tokens}
@@ -143,7 +143,7 @@ def test_explain_metrics_reset_and_integrity_report_the_disk_tier(disk_server) -
     url, c = disk_server.url, client(disk_server.url, "key-bob")
     prompt = [7 + (i * 53) % 7000 for i in range(6 * BS + 3)]
     c.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
-    wait_for_writes(url, "key-bob", blocks=6)
+    wait_for_writes(url, "key-admin", blocks=6)
     assert httpx.post(f"{url}/v1/cache/reset", headers=admin(disk_server)).json()["blocks_dropped"] > 0
     explain = httpx.post(f"{url}/v1/cache/explain", json={"prompt": prompt},
                          headers={"Authorization": "Bearer key-bob"}).json()  # fmt: skip

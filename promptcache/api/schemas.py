@@ -388,7 +388,8 @@ OPERATIONS: dict[tuple[str, str], tuple[type[BaseModel] | None, dict[str, Any]]]
         "summary": "Admin: check the cache's invariants", "responses": {200: {"model": Integrity},
                                                                         **_errors(False, *ADMIN_ERRORS)}}),
     ("GET", "/v1/cache/stats"): (None, {
-        "summary": "Cache statistics", "responses": {200: {"model": CacheStats}, **_errors(False, *READ_ERRORS)}}),
+        "summary": "Admin: cache statistics", "responses": {200: {"model": CacheStats},
+                                                            **_errors(False, *ADMIN_ERRORS)}}),
     ("GET", "/health"): (None, {"summary": "Liveness", "responses": {200: {"model": Health},
                                                                      503: {"model": Health}}}),
     ("GET", "/metrics"): (None, {"summary": "Prometheus metrics",

@@ -111,7 +111,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     @app.get("/v1/cache/stats", **schemas.route_doc("GET", "/v1/cache/stats"))
     async def cache_stats(request: Request) -> dict[str, Any]:
-        authenticate(request)
+        """Admin: the cache's counters. NOTE: they count every tenant's traffic (prompt lengths, hits), so another
+        tenant may not read them: the timing audit found a probe tenant could watch a victim's requests here."""
+        if not authenticate(request).admin:
+            raise APIError(403, "the cache's statistics count every tenant's requests: they need an admin API key")
         stats = await service.cache_stats()
         return {**stats, "model": service.model_name, "replay_entries": len(service.replay),
                 "response_cache_entries": len(service.response_cache.entries) if service.response_cache else None,

@@ -550,7 +550,7 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
 
     @app.get("/v1/cache/stats", **schemas.route_doc("GET", "/v1/cache/stats"))
     async def stats(request: Request) -> dict[str, Any]:
-        authenticate(request)
+        admin(request)  # every tenant's traffic is counted there
         return {"replicas": await router.each("GET", "/v1/cache/stats", forward_headers(request)),
                 "router": router.state()}  # fmt: skip
 
