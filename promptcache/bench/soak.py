@@ -492,9 +492,11 @@ class SoakFleet(Fleet):
     """``fleet_bench.Fleet`` with a disk tier per replica and the Redis tier's TTL, whose Redis and replicas can be
     killed and started again with the same flags, and which also stops the reference server it is given."""
 
-    def __init__(self, spec: FleetSpec, workdir: Path, disk_dirs: Sequence[Path], disk_gb: float, redis_ttl: float):
+    def __init__(self, spec: FleetSpec, workdir: Path, disk_dirs: Sequence[Path], disk_gb: float, redis_ttl: float,
+                 redis_maxmemory_mb: int | None = None):  # fmt: skip
         super().__init__(spec, workdir)
         self.disk_dirs, self.disk_gb, self.redis_ttl = list(disk_dirs), disk_gb, redis_ttl
+        self.redis_maxmemory_mb = redis_maxmemory_mb
         self.replica_args: list[list[str]] = []
         self.replica_procs: list[subprocess.Popen[bytes]] = []  # the live process of each replica, by index
         self.router_proc: subprocess.Popen[bytes] | None = None
@@ -516,7 +518,7 @@ class SoakFleet(Fleet):
         with self._lock:
             if self._closed:
                 raise Aborted("the fleet was stopped before it started")
-            self.redis = RedisProcess(self.workdir / "redis").start()
+            self.redis = RedisProcess(self.workdir / "redis", self.redis_maxmemory_mb).start()
         for i in range(spec.replicas):
             name, port = f"r{i}", _free_port()
             args = [sys.executable, "-m", "promptcache.cli", "serve", "--model", str(spec.model), "--port", str(port),
@@ -655,11 +657,11 @@ class DiskMount:
     def filler(self) -> Path:
         return self.path / "soak-filler.bin"
 
-    def fill(self) -> dict[str, Any]:
-        """Write the filler until ENOSPC (on the tmpfs), or ``size_mb`` on a plain directory."""
+    def fill(self, append: bool = False) -> dict[str, Any]:
+        """Write the filler until ENOSPC (on the tmpfs), or ``size_mb`` on a plain directory; ``append``: grow it."""
         written, hit = 0, False
         cap = None if self.mounted else self.size_mb << 20
-        with open(self.filler(), "wb", buffering=0) as f:
+        with open(self.filler(), "ab" if append else "wb", buffering=0) as f:
             for chunk in (1 << 20, 4096):  # big chunks, then small ones: up to the last free page
                 block = b"\0" * chunk
                 while cap is None or written < cap:
@@ -753,7 +755,15 @@ class Chaos(threading.Thread):
             fault["fill_s"] = round(self.rec.now() - fault["start_s"], 2)
             fault["free_bytes_while_full"] = self.disk.free_bytes()
             fault["real_enospc"] = self.disk.mounted
-            self._hold()
+            # NOTE: the disk tier makes room by deleting its own oldest entries, and then its write fits in the space
+            # it freed: a filler written once leaves the tier working. Topping it up every 20 ms takes that space
+            # back, so the tier's writes really meet ENOSPC while the fault lasts.
+            deadline = time.monotonic() + self.args.fault_seconds
+            top_ups = 0
+            while time.monotonic() < deadline and not self.stop.wait(0.02):
+                if self.disk.mounted:
+                    top_ups += self.disk.fill(append=True)["filler_bytes"] > 0
+            fault["top_ups"] = top_ups
         finally:
             self.disk.clear()
             fault["end_s"] = self.rec.now()
@@ -1536,7 +1546,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> tuple[dict[str, Any], 
             f"{args.clients} client threads (httpx) through the router; model {args.model}"
         )
         spec = FleetSpec(model, REPLICAS, "cache", kv_gb, tier_load_policy=args.tier_load_policy)
-        fleet = SoakFleet(spec, tmp / "fleet", [disk.path, tmp / "disk-r1"], disk_gb, args.redis_ttl)
+        fleet = SoakFleet(spec, tmp / "fleet", [disk.path, tmp / "disk-r1"], disk_gb, args.redis_ttl,
+                          args.redis_maxmemory_mb or None)  # fmt: skip
         watchdog.fleet = fleet
         # The cold reference starts beside the fleet (its start-up overlaps the fleet's) and is gone before the load.
         ref_port = _free_port()
@@ -1699,6 +1710,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--tmpfs-mb", type=int, default=64, help="the tmpfs of r0's disk tier")
     parser.add_argument("--redis-ttl", type=float, default=600.0,
                         help="the replicas' --redis-ttl (bounds Redis's memory over a long run)")  # fmt: skip
+    parser.add_argument("--redis-maxmemory-mb", type=int, default=256,
+                        help="redis-server's maxmemory, evicting any key least recently used first, as a Redis tier "
+                             "should be run (0: unbounded)")  # fmt: skip
     parser.add_argument("--tier-load-policy", default="always", choices=["always", "auto"])
     parser.add_argument("--sample-seconds", type=float, default=2.0, help="RSS / blocks sampling interval")
     parser.add_argument(

@@ -170,7 +170,7 @@ def _free_port() -> int:
 class RedisProcess:
     """A private ``redis-server`` on a free loopback port, without persistence, for the length of the benchmark."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, maxmemory_mb: int | None = None):
         binary = shutil.which("redis-server")
         if binary is None:
             raise SystemExit("tier_bench: redis-server is not installed (Debian: apt-get install redis-server)")
@@ -178,6 +178,7 @@ class RedisProcess:
         self.dir = workdir
         self.port = _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self.maxmemory_mb = maxmemory_mb  # None: unbounded; else evict any key, least recently used first
 
     @property
     def url(self) -> str:
@@ -191,6 +192,8 @@ class RedisProcess:
     def start(self) -> RedisProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        if self.maxmemory_mb is not None:
+            args += ["--maxmemory", f"{self.maxmemory_mb}mb", "--maxmemory-policy", "allkeys-lru"]
         with open(self.dir / "redis.log", "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, *args, "--dir", str(self.dir)], stdout=log, stderr=subprocess.STDOUT
