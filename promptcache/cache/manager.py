@@ -169,11 +169,13 @@ class KVCacheManager:
         canonical = self.pool.register(seq.blocks[i], parent, tokens, seq.hashes[i])
         if canonical is seq.blocks[i]:
             return True
-        if canonical.ref_count > 0:
-            # Another running sequence registered the same content first: share its block, free ours.
-            self.pool.acquire([canonical])
-            self.pool.release([seq.blocks[i]])
-            seq.blocks[i] = canonical
+        # Another block holds the same content (a running sequence computed it first, or it is cached: the last
+        # block of a prompt is always computed, even on a hit): share it, free ours. NOTE: also when it is idle, else
+        # the cached copy gets no use while this sequence's blocks after it do, and LFU evicts it before them (a
+        # cached block whose prefix is gone can never be hit).
+        self.pool.acquire([canonical])
+        self.pool.release([seq.blocks[i]])
+        seq.blocks[i] = canonical
         return False
 
     def grow(self, seq: SeqBlocks, num_tokens: int) -> bool:
