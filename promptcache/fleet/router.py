@@ -280,11 +280,14 @@ class Router:
         if not hashes:
             return
         pending = self.pending.setdefault(replica, OrderedDict())
-        until = time.monotonic() + self.cfg.pending_ttl
+        now = time.monotonic()
+        until = now + self.cfg.pending_ttl
         for h in hashes:
             pending[h] = until
             pending.move_to_end(h)
-        while len(pending) > 65536:
+        # NOTE: a mark lasts pending_ttl and moves its entry to the end, so the map is in expiry order: expired marks
+        # are dropped from the front (it holds the last pending_ttl seconds' marks, not up to 65,536 stale ones).
+        while pending and (len(pending) > 65536 or next(iter(pending.values())) <= now):
             pending.popitem(last=False)
 
     def _in_redis(self, hashes: list[BlockHash]) -> list[bool]:
