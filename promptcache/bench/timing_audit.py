@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import itertools
 import json
 import os
@@ -73,7 +72,6 @@ import random
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -84,11 +82,11 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
 
+from promptcache.bench.fleet_bench import _die_with_parent, _free_port, _tail, _terminate
 from promptcache.bench.runner import percentile
 
 TARGETS = ("device", "host", "disk", "redis", "router")
@@ -165,19 +163,6 @@ def single_token_words(tokenizer: Any) -> list[str]:
 
 
 # ---- servers ---------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    """A port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM when the audit dies, even by SIGKILL, so no server outlives it."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 @dataclass(frozen=True)
 class ServerSpec:
     """One ``promptcache serve``: its device pool (in blocks) and the one lower tier it has, if any."""
@@ -231,7 +216,7 @@ class ThreadServer:
         import uvicorn
 
         self.name = name
-        self.port = free_port()
+        self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name=f"timing-audit-{name}", daemon=True)
@@ -284,10 +269,6 @@ class ProcessServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
-
-
-def _tail(path: Path, n: int = 1500) -> str:
-    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
 
 
 @dataclass
@@ -399,7 +380,7 @@ class Launcher:
     def _serve(self, spec: ServerSpec, name: str) -> Any:
         if self.mode == "thread":
             return ThreadServer(spec.app(self.model, self.keys_file), name)
-        port = free_port()
+        port = _free_port()
         return ProcessServer(spec.argv(self.model, port, self.keys_file, self.block_bytes), port, name,
                              self.workdir / f"{name}.log")  # fmt: skip
 
@@ -412,7 +393,7 @@ class Launcher:
             tenancy = Tenancy.from_options(api_keys_file=str(self.keys_file))
             cfg = RouterConfig(replicas, self.redis_url, tenancy=tenancy, health_interval=0.25)
             return ThreadServer(create_router_app(cfg), name)
-        port = free_port()
+        port = _free_port()
         argv = [sys.executable, "-m", "promptcache.cli", "router", "--redis-url", self.redis_url, "--port",
                 str(port), "--api-keys-file", str(self.keys_file), "--health-interval", "0.25",
                 "--log-level", "warning"]  # fmt: skip
@@ -859,10 +840,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.prompt_tokens < 2 * BLOCK_SIZE + 1:
         parser.error(f"--prompt-tokens must be at least {2 * BLOCK_SIZE + 1}")
     return args
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through every finally: the servers are stopped
 
 
 def main(argv: Sequence[str] | None = None) -> int:
