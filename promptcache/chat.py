@@ -287,6 +287,7 @@ def run_chat(
     prices: PriceTable | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    **engine_options: Any,
 ) -> int:
     """Load the model and run a :class:`ChatSession` on this process's terminal (or pipes); the exit status.
 
@@ -297,7 +298,7 @@ def run_chat(
     if _isatty(sys.stdin):
         with contextlib.suppress(ImportError):  # line editing and history for input(); absent on some builds
             import readline  # noqa: F401
-    llm = LLM(model=model, device=device, dtype=dtype)
+    llm = LLM(model=model, device=device, dtype=dtype, **engine_options)
     params = params or SamplingParams()
     params.validate(llm.engine.model_config.vocab_size)  # a bad option fails once, here, not on every turn
     table = prices or PriceTable.preset("default")

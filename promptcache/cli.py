@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, EVICTION_POLICIES
 from promptcache.engine.request import RequestOutput
+from promptcache.model.quant import QUANTIZATIONS
 
 
 def _print_output(i: int, out: RequestOutput, stats: dict[str, int | float | str]) -> None:
@@ -34,7 +35,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         enable_prefix_caching=not args.no_prefix_caching,
+        **_speed_options(args),
     )
+    _report_execution(llm.engine.execution_info())
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
     for i in range(args.repeat):
         # An instruct model answers a question asked through its chat template; raw text it merely continues.
@@ -53,7 +56,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     prices = PriceTable.from_file(args.pricing) if args.pricing else PriceTable.preset(args.pricing_preset)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-    return run_chat(args.model, args.system, params, prices, device=args.device, dtype=args.dtype)
+    return run_chat(
+        args.model, args.system, params, prices, device=args.device, dtype=args.dtype, **_speed_options(args)
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,7 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     prices = PriceTable.from_file(args.pricing) if args.pricing else PriceTable.preset(args.pricing_preset)
     engine = LLMEngine(EngineConfig(
-        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size,
+        model=args.model, device=args.device, dtype=args.dtype, block_size=args.block_size, **_speed_options(args),
         kv_cache_memory_gb=args.kv_cache_memory_gb, enable_prefix_caching=not args.no_prefix_caching,
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, scheduling_policy=args.scheduling_policy,
@@ -82,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         disk_cache_gb=args.disk_cache_gb, redis_url=args.redis_url, redis_ttl=args.redis_ttl,
         tier_read_timeout=args.tier_read_timeout, tier_load_policy=args.tier_load_policy,
     ))  # fmt: skip
+    _report_execution(engine.execution_info())
     name = args.served_model_name or engine.model_name
     from promptcache.api.fleet_api import default_name
 
@@ -152,6 +158,35 @@ MODEL_HELP = (
 )
 
 
+def _add_speed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantization", default="auto", choices=list(QUANTIZATIONS),
+                   help="weights: auto keeps a GGUF's own precision where a kernel exists (Q8_0 as int8, "
+                        "Q4_0/Q4_1/Q4_K as int4), none dequantizes, int8/int4 quantize at load")  # fmt: skip
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decode step (on by default; costs seconds at start-up, reported in the "
+                        "log; --no-compile starts faster and decodes slower)")  # fmt: skip
+
+
+def _speed_options(args: argparse.Namespace) -> dict[str, object]:
+    """The engine options of _add_speed_options; an unset --compile leaves the engine's default."""
+    options: dict[str, object] = {"quantization": args.quantization}
+    if args.compile is not None:
+        options["compile"] = args.compile
+    return options
+
+
+def _report_execution(info: dict[str, object]) -> None:
+    """One start-up line on stderr: precision, and what compiling the decode step cost (or why it fell back)."""
+    line = f"promptcache: {info['dtype']} activations, {info['weights']} weights"
+    if info["compile_failed"]:
+        line += f"; compiling the decode step failed, decoding eagerly ({info['compile_failed']})"
+    elif info["compiled_buckets"]:
+        line += f"; decode step compiled for batches {info['compiled_buckets']} in {info['compile_seconds']:.1f} s"
+    else:
+        line += "; eager decode step (--no-compile)"
+    print(line, file=sys.stderr, flush=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptcache", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,12 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=None, help=MODEL_HELP)
     gen.add_argument("--device", default="auto")
     gen.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_speed_options(gen)
     gen.add_argument("--max-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--chat", action="store_true",
-                     help="wrap the prompt as a user message in the chat template (the default when the model has one)")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the chat template (the default when the model has one)",
+    )
     gen.add_argument("--raw", action="store_true", help="complete the prompt as raw text, without the chat template")
     gen.add_argument("--repeat", type=int, default=2, help="run the prompt this many times (the repeats hit the cache)")
     gen.add_argument("--no-prefix-caching", action="store_true")
@@ -182,14 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, help="seed every answer's sampling (reproducible sessions)")
     chat.add_argument("--device", default="auto")
     chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_speed_options(chat)
     chat.add_argument("--pricing", default=None, help="TOML pricing file (USD per million tokens)")
     chat.add_argument("--pricing-preset", default="default", help="pricing preset when no file is given")
     chat.set_defaults(func=cmd_chat)
 
     srv = sub.add_parser("serve", help="serve the OpenAI- and Anthropic-compatible HTTP API")
     srv.add_argument("--model", default=None, help=MODEL_HELP)
-    srv.add_argument("--served-model-name", default=None,
-                     help="the model name clients send (default: the model file's or folder's name, or its hub id)")
+    srv.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model name clients send (default: the model file's or folder's name, or its hub id)",
+    )
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--api-key", action="append", default=[], help="an accepted API key (repeatable)")
@@ -207,12 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most output tokens one request may ask for (more is a 400; a key's own max_tokens in "
                           "--api-keys-file wins; default: what the context leaves)")  # fmt: skip
     srv.add_argument("--max-messages", type=int, default=2048, help="messages one conversation may hold (more: 400)")
-    srv.add_argument("--body-timeout", type=float, default=30.0,
-                     help="seconds a client gets to send its whole request body (then 408)")
-    srv.add_argument("--shutdown-timeout", type=float, default=30.0,
-                     help="on SIGTERM, seconds running requests get to finish before they are aborted")
+    srv.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client gets to send its whole request body (then 408)",
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests get to finish before they are aborted",
+    )
     srv.add_argument("--device", default="auto")
     srv.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    _add_speed_options(srv)
     srv.add_argument("--block-size", type=int, default=16)
     srv.add_argument("--kv-cache-memory-gb", type=float, default=None)
     srv.add_argument("--max-model-len", type=int, default=None)
@@ -224,34 +276,64 @@ def build_parser() -> argparse.ArgumentParser:
                           "recently used")  # fmt: skip
     srv.add_argument("--no-prefix-caching", action="store_true")
     tiers = srv.add_argument_group("cache tiers", "where blocks go when the device pool evicts them (docs/tiers.md)")
-    tiers.add_argument("--host-cache-gb", type=float, default=None,
-                       help="host memory for blocks evicted from the device pool (on a CPU-only server, prefer a "
-                            "larger --kv-cache-memory-gb)")
-    tiers.add_argument("--disk-cache", default=None, metavar="DIR",
-                       help="keep blocks in files under DIR: they survive restarts")
+    tiers.add_argument(
+        "--host-cache-gb",
+        type=float,
+        default=None,
+        help="host memory for blocks evicted from the device pool (on a CPU-only server, prefer a "
+        "larger --kv-cache-memory-gb)",
+    )
+    tiers.add_argument(
+        "--disk-cache", default=None, metavar="DIR", help="keep blocks in files under DIR: they survive restarts"
+    )
     tiers.add_argument("--disk-cache-gb", type=float, default=10.0, help="the disk tier's budget")
-    tiers.add_argument("--redis-url", default=None,
-                       help="share blocks with every server of the same model through Redis: redis://host:port/db, "
-                            "rediss://..., unix://..., or redis+cluster://host:port for Redis Cluster / Valkey")
+    tiers.add_argument(
+        "--redis-url",
+        default=None,
+        help="share blocks with every server of the same model through Redis: redis://host:port/db, "
+        "rediss://..., unix://..., or redis+cluster://host:port for Redis Cluster / Valkey",
+    )
     tiers.add_argument("--redis-ttl", type=float, default=86400.0, help="seconds a block lives in Redis (pins extend)")
-    tiers.add_argument("--tier-read-timeout", type=float, default=1.0,
-                       help="seconds a read from disk or Redis may take, plus 2 ms per block read; a later one is a "
-                            "miss and is recomputed")
-    tiers.add_argument("--tier-load-policy", default="auto", choices=["auto", "always"],
-                       help="auto: load a run from a lower tier only when measured faster than recomputing it")
+    tiers.add_argument(
+        "--tier-read-timeout",
+        type=float,
+        default=1.0,
+        help="seconds a read from disk or Redis may take, plus 2 ms per block read; a later one is a "
+        "miss and is recomputed",
+    )
+    tiers.add_argument(
+        "--tier-load-policy",
+        default="auto",
+        choices=["auto", "always"],
+        help="auto: load a run from a lower tier only when measured faster than recomputing it",
+    )
     fleet = srv.add_argument_group("fleet", "serving behind `promptcache router` (docs/fleet.md)")
-    fleet.add_argument("--replica-name", default=None,
-                       help="this replica's name in the fleet (default: HOST:PORT); unique among the replicas")
-    fleet.add_argument("--no-kv-events", action="store_true",
-                       help="with --redis-url, do not publish KV events (what this replica's caches hold) for routers")
+    fleet.add_argument(
+        "--replica-name",
+        default=None,
+        help="this replica's name in the fleet (default: HOST:PORT); unique among the replicas",
+    )
+    fleet.add_argument(
+        "--no-kv-events",
+        action="store_true",
+        help="with --redis-url, do not publish KV events (what this replica's caches hold) for routers",
+    )
     srv.add_argument("--log-level", default="info")
     srv.set_defaults(func=cmd_serve)
 
     rt = sub.add_parser("router", help="one endpoint in front of several `serve` replicas, routing by their caches")
-    rt.add_argument("--replica", action="append", required=True, metavar="URL",
-                    help="a replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)")
-    rt.add_argument("--redis-url", required=True,
-                    help="the Redis the replicas share (their --redis-url): KV events, loads, replay records")
+    rt.add_argument(
+        "--replica",
+        action="append",
+        required=True,
+        metavar="URL",
+        help="a replica's base URL, e.g. http://10.0.0.5:8000 (repeatable)",
+    )
+    rt.add_argument(
+        "--redis-url",
+        required=True,
+        help="the Redis the replicas share (their --redis-url): KV events, loads, replay records",
+    )
     rt.add_argument("--policy", default="cache", choices=["cache", "round-robin", "least-loaded"])
     rt.add_argument("--host", default="127.0.0.1")
     rt.add_argument("--port", type=int, default=8080)
@@ -261,21 +343,41 @@ def build_parser() -> argparse.ArgumentParser:
     rt.add_argument("--replica-admin-key", default=None,
                     help="the admin key the router uses for the replicas' fleet endpoints (default: the first admin "
                          "key it knows)")  # fmt: skip
-    rt.add_argument("--decode-weight", type=float, default=16.0,
-                    help="what one running decode weighs in the load, in prefill tokens")
-    rt.add_argument("--affinity-tokens", type=float, default=256.0,
-                    help="the head start, in prefill tokens, of the replica a prompt_cache_key / user last went to")
+    rt.add_argument(
+        "--decode-weight",
+        type=float,
+        default=16.0,
+        help="what one running decode weighs in the load, in prefill tokens",
+    )
+    rt.add_argument(
+        "--affinity-tokens",
+        type=float,
+        default=256.0,
+        help="the head start, in prefill tokens, of the replica a prompt_cache_key / user last went to",
+    )
     rt.add_argument("--tier-weight", action="append", default=[], metavar="TIER=W",
                     help="the share of a block's prefill a hit from TIER saves; fixes what the replicas measure "
                          "(until they have: device=1, host=0.8, disk=0.6, redis=0.5)")  # fmt: skip
     rt.add_argument("--health-interval", type=float, default=1.0, help="seconds between health checks")
     rt.add_argument("--max-body-mb", type=float, default=16.0, help="larger request bodies are refused with 413")
-    rt.add_argument("--body-timeout", type=float, default=30.0,
-                    help="seconds a client gets to send its whole request body (then 408)")
-    rt.add_argument("--shutdown-timeout", type=float, default=30.0,
-                    help="on SIGTERM, seconds running requests get to finish before they are cut")
-    rt.add_argument("--health-timeout", type=float, default=2.0,
-                    help="seconds a replica's /health may take before it counts as failed")
+    rt.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a client gets to send its whole request body (then 408)",
+    )
+    rt.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests get to finish before they are cut",
+    )
+    rt.add_argument(
+        "--health-timeout",
+        type=float,
+        default=2.0,
+        help="seconds a replica's /health may take before it counts as failed",
+    )
     rt.add_argument("--log-level", default="info")
     rt.set_defaults(func=cmd_router)
     for name, (_, help_text) in DELEGATED.items():

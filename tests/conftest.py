@@ -17,6 +17,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 # Tests run on the small embedded model unless they name another (the real default, SmolLM2, is 30x larger and
 # is used only by tests about real weights); PROMPTCACHE_MODEL is the default for `--model` / `LLM(model=None)`.
 os.environ["PROMPTCACHE_MODEL"] = str(DEFAULT_MODEL)
+# Engines (and the servers tests start) decode eagerly unless a test asks for compilation: hundreds of small
+# engines would each pay seconds of torch.compile at start-up. tests/test_compiled_step.py covers compilation.
+os.environ["PROMPTCACHE_COMPILE"] = "0"
 
 # family -> (transformers config class name, extra config fields)
 FAMILIES: dict[str, tuple[str, dict]] = {

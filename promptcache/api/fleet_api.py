@@ -99,6 +99,7 @@ class Replica:
             "max_model_len": core.max_model_len, "tokenizer_digest": self.service.tokenizer.digest(),
             "scope": self.scope, "kv_prefix": getattr(redis_tier, "prefix", None),
             "kv_events": None if self.publisher is None else self.publisher.stats(),
+            "execution": core.execution_info(),
         }  # fmt: skip
 
 

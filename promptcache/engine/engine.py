@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import psutil
 import torch
@@ -19,12 +20,15 @@ from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ModelRunner
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.scheduler import SCHEDULING_POLICIES, Scheduler
-from promptcache.model.loader import load_model
+from promptcache.model import kernels
+from promptcache.model.loader import load_model, precision_fingerprint, weight_precision
+from promptcache.model.quant import QUANTIZATIONS
 from promptcache.model.source import EMBEDDED_MODEL, resolve_model
 from promptcache.tokenizer import IncrementalDetokenizer
 
 # The embedded 5M random-weight model (tests and offline tools use it; the default model is resolve_model(None)).
 DEFAULT_MODEL = EMBEDDED_MODEL
+ATTENTION_MODES = ("paged", "gather")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,6 +39,14 @@ class EngineConfig:
     model: str | None = None  # GGUF file, HF folder, hub id org/name[@rev]; None: the default (source.py)
     device: str = "auto"
     dtype: str = "auto"
+    # Weights: "auto" keeps a GGUF's own quantized precision where a kernel exists (Q8_0 as int8, Q4_0/Q4_1/Q4_K
+    # as int4) and dense models dense; "none" dequantizes everything; "int8" / "int4" quantize at load.
+    quantization: str = "auto"
+    # torch.compile the decode step (batch buckets 1..16, paid at start-up); PROMPTCACHE_COMPILE=0 changes the
+    # default (the test suite's many small engines would each pay seconds of compilation).
+    compile: bool = field(default_factory=lambda: os.environ.get("PROMPTCACHE_COMPILE", "1") != "0")
+    compile_buckets: tuple[int, ...] = kernels.DEFAULT_BUCKETS  # decode batch sizes compiled (up to max_num_seqs)
+    attention: str = "paged"  # "paged": read the KV pool in place; "gather": copy each context out first (old)
     block_size: int = 16
     kv_cache_memory_gb: float | None = None
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_gb (tests use tiny pools)
@@ -66,6 +78,10 @@ class EngineConfig:
             raise ValueError(f"eviction policy must be one of {EVICTION_POLICIES}, got {self.eviction_policy!r}")
         if self.kv_cache_memory_gb is not None and self.kv_cache_memory_gb <= 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {self.attention!r}")
         self.tier_options()  # validates the tier fields
 
     def tier_options(self) -> TierOptions:
@@ -107,9 +123,16 @@ class LLMEngine:
         self.max_model_len = min(
             cfg.max_model_len or self.model_config.max_position_embeddings, self.model_config.max_position_embeddings
         )
-        self.model = load_model(self.source, self.dtype, self.device, self.max_model_len)
-        self.fingerprint = self.source.fingerprint()
+        self.model = load_model(self.source, self.dtype, self.device, self.max_model_len, cfg.quantization)
+        self.precision = weight_precision(self.model)
+        # NOTE: quantized weights give other K/V than dense ones: their blocks must never share an address.
+        self.fingerprint = precision_fingerprint(self.source.fingerprint(), self.precision)
         self.source.release()
+        self.compile_seconds: float | None = None
+        if cfg.compile:
+            kernels.enable_quantized_kernels()
+            buckets = tuple(b for b in cfg.compile_buckets if b <= cfg.max_num_seqs) or (1,)
+            self.compile_seconds = self.model.enable_compile(buckets)
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(
             num_blocks,
@@ -119,7 +142,9 @@ class LLMEngine:
             cfg.enable_prefix_caching,
             cfg.eviction_policy,
         )
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.dtype, self.device)
+        self.runner = ModelRunner(
+            self.model, num_blocks, cfg.block_size, self.dtype, self.device, attention=cfg.attention
+        )
         mc = self.model_config
         shape = (mc.num_layers, 2, cfg.block_size, mc.num_kv_heads, mc.head_dim)
         layout = KVLayout(self.fingerprint, self.dtype, shape, cfg.block_size)
@@ -383,6 +408,19 @@ class LLMEngine:
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "kv_cache_bytes": self.runner.kv_cache_bytes,
             "hit_tokens_by_tier": dict(self.kv.hit_tokens_by_tier),
+        }
+
+    def execution_info(self) -> dict[str, object]:
+        """How this engine computes: dtype, weight precision, attention, and the compiled decode step's buckets and
+        start-up cost (None when compilation is off; ``compile_failed`` says why it fell back to eager)."""
+        compiled = self.model.compiled
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "weights": self.precision,
+            "attention": self.config.attention,
+            "compiled_buckets": None if compiled is None or compiled.failed else list(compiled.buckets),
+            "compile_seconds": self.compile_seconds,
+            "compile_failed": None if compiled is None else compiled.failed,
         }
 
     def tier_stats(self) -> dict[str, object] | None:

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from promptcache.model.quant import QWeight, stored_kind
+
 # GGUF architecture -> the Hugging Face architecture whose config fields and weights we map it to.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -49,6 +51,7 @@ _GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+_HEAD_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 _SPLIT_FILE = re.compile(r"-\d{5}-of-\d{5}\.gguf$")
 
@@ -190,20 +193,35 @@ class GGUFModel:
         # F32 tensors come back as read-only views of the memory-mapped file; torch wants writable memory.
         return array if array.flags.writeable else array.copy()
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight under its Hugging Face name, dequantized to ``dtype``; one tensor in memory at a time.
+    def tensors(self, dtype: torch.dtype, quantization: str = "none") -> Iterator[tuple[str, torch.Tensor | QWeight]]:
+        """Every weight under its Hugging Face name; one tensor in memory at a time.
 
-        llama.cpp's converter permutes the rows of q and k for llama-architecture models (it interleaves the two
-        RoPE halves of each head, GPT-J style); this undoes it, so our rotate-half RoPE sees HF's layout.
+        A matrix whose type maps exactly onto a quantized kernel (``gguf_quant.QUANT_KINDS``) comes as a ``QWeight``
+        of its own codes when ``quantization`` is ``auto`` or names that kind; everything else is dequantized to
+        ``dtype``. llama.cpp's converter permutes the rows of q and k for llama-architecture models (it interleaves
+        the two RoPE halves of each head, GPT-J style); this undoes it, so our rotate-half RoPE sees HF's layout.
         """
+        from promptcache.model.gguf_quant import QUANT_KINDS, to_qweight
+
         heads, kv_heads = self._config["num_attention_heads"], self._config["num_key_value_heads"]
         for name in self._tensors:
             hf_name = _hf_name(name)
             if hf_name is None:
                 continue  # rope_freqs (read into the config) and tensors our architectures do not use
+            t = self._tensors[name]
+            permuted = self.arch == "llama" and (".attn_q." in name or ".attn_k." in name)
+            n_head = heads if ".attn_q." in name else kv_heads
+            kind = QUANT_KINDS.get(t.tensor_type.name)
+            wanted = stored_kind(quantization, head=hf_name in _HEAD_NAMES)
+            if kind is not None and (quantization == "auto" or wanted == kind) and len(t.shape) == 2:
+                w = to_qweight(np.asarray(t.data), t.tensor_type)
+                if permuted:
+                    w = QWeight(*(None if x is None else _unpermute_rows_t(x, n_head) for x in w))
+                yield hf_name, w
+                continue
             array = self._dequantize(name)
-            if self.arch == "llama" and (".attn_q." in name or ".attn_k." in name):
-                array = _unpermute_rows(array, heads if ".attn_q." in name else kv_heads)
+            if permuted:
+                array = _unpermute_rows(array, n_head)
             yield hf_name, torch.from_numpy(array).to(dtype)
 
 
@@ -220,3 +238,9 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of llama.cpp's q/k permutation: per head, rows (i, half) interleaved back to (half, i)."""
     rows = w.shape[0]
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _unpermute_rows_t(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """``_unpermute_rows`` for the row-indexed tensors of a ``QWeight`` (codes, scales, offsets)."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()

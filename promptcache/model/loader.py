@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 from promptcache.model.config import ModelConfig
 from promptcache.model.llama import LlamaForCausalLM
+from promptcache.model.quant import QUANTIZATIONS, QWeight, can_quantize, dequantize, quantize, stored_kind
 
 if TYPE_CHECKING:
     from promptcache.model.source import ModelSource
@@ -71,25 +72,18 @@ def hf_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, st.get_tensor(name)
 
 
-def load_model(source: ModelSource, dtype: torch.dtype, device: torch.device, max_len: int) -> LlamaForCausalLM:
-    """Build the model of ``source`` and copy every weight into place."""
-    return build_model(source.config(), source.tensors(dtype), dtype, device, max_len, str(source.path))
-
-
-def build_model(
-    cfg: ModelConfig,
-    tensors: Iterable[tuple[str, torch.Tensor]],
-    dtype: torch.dtype,
-    device: torch.device,
-    max_len: int,
-    origin: str,
+def load_model(
+    source: ModelSource, dtype: torch.dtype, device: torch.device, max_len: int, quantization: str = "none"
 ) -> LlamaForCausalLM:
-    """Build the model for ``cfg`` from HF-named ``tensors``, fusing q/k/v and gate/up; ``origin`` names the
-    weights' file or folder in errors."""
-    model = LlamaForCausalLM(cfg, dtype, device, max_len)
+    """Build the model of ``source`` and copy every weight into place (quantized as ``quantization`` says)."""
+    tensors = source.tensors(dtype, quantization)
+    return build_model(source.config(), tensors, dtype, device, max_len, str(source.path), quantization)
+
+
+# HF name suffix -> (our parameter, its column range or stack index; None for the whole) within each layer.
+def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, slice | int | None]]:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    # HF name suffix -> (our parameter, its column range or stack index; None for the whole) within each layer.
-    layer_map = {
+    return {
         "input_layernorm.weight": ("input_norm", None),
         "post_attention_layernorm.weight": ("post_norm", None),
         "self_attn.q_proj.weight": ("qkv", slice(0, q)),
@@ -105,6 +99,31 @@ def build_model(
         "mlp.up_proj.weight": ("gate_up", 1),
         "mlp.down_proj.weight": ("down", None),
     }
+
+
+MATRICES = ("qkv", "o", "gate_up", "down", "lm_head")  # the projections that may be stored quantized
+
+
+def build_model(
+    cfg: ModelConfig,
+    tensors: Iterable[tuple[str, torch.Tensor | QWeight]],
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int,
+    origin: str,
+    quantization: str = "none",
+) -> LlamaForCausalLM:
+    """Build the model for ``cfg`` from HF-named ``tensors``, fusing q/k/v and gate/up; ``origin`` names the
+    weights' file or folder in errors.
+
+    ``quantization``: ``none`` keeps every matrix dense; ``int8`` / ``int4`` quantize the projections and the LM
+    head (a ``QWeight`` already of that kind, straight from a GGUF file, is kept as it is); ``auto`` keeps the
+    ``QWeight``s the source yields (a GGUF's own precision) and the dense matrices dense.
+    """
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    model = LlamaForCausalLM(cfg, dtype, device, max_len)
+    layer_map = _layer_map(cfg)
     expected: set[str] = {"model.embed_tokens.weight", "model.norm.weight"}
     if not cfg.tie_word_embeddings:
         expected.add("lm_head.weight")
@@ -113,26 +132,29 @@ def build_model(
             if getattr(layer, attr) is not None:
                 expected.add(f"model.layers.{i}.{suffix}")
     loaded: set[str] = set()
+    # Matrices that may end up quantized are gathered part by part ([out, in] each) and stored once complete.
+    pending: dict[tuple[torch.nn.Module, str], dict[int, tuple[slice | int | None, torch.Tensor | QWeight]]] = {}
     with torch.no_grad():
         for name, tensor in tensors:
             target = _target(model, name, layer_map)
             if target is None:
                 continue  # e.g. rotary inv_freq buffers or an lm_head that tied embeddings make redundant
-            param, rows = target
-            if isinstance(rows, int):  # gate/up: one [in, out] matrix of a stacked pair
-                tensor, dst = tensor.t(), param[rows]
-            elif tensor.dim() == 2 and param is not model.embed:
-                tensor = tensor.t()  # our matrices are [in, out]; fused parts are column ranges
-                dst = param if rows is None else param[:, rows]
-            else:
-                dst = param if rows is None else param[rows]
-            if dst.shape != tensor.shape:
-                raise ValueError(
-                    f"weight {name} has shape {tuple(tensor.shape)}, which does not fit the config "
-                    f"(expected {tuple(dst.shape)})"
-                )
-            dst.copy_(tensor)
+            owner, attr, rows = target
+            param = getattr(owner, attr)
             loaded.add(name)
+            if attr in MATRICES and (quantization != "none" or isinstance(tensor, QWeight)):
+                _check_shape(name, _part_shape(param, rows), _shape(tensor))
+                kind = stored_kind(quantization, head=attr == "lm_head")
+                if kind is not None and not isinstance(tensor, QWeight) and can_quantize(tensor):
+                    tensor = quantize(tensor, kind)  # now, so at most one dense part waits in memory
+                order = rows if isinstance(rows, int) else 0 if rows is None else rows.start
+                got = pending.setdefault((owner, attr), {})
+                got[order] = (rows, tensor)
+                if len(got) == _PARTS.get(attr, 1):
+                    _store(owner, attr, [got.pop(k) for k in sorted(got)], quantization, device)
+                    del pending[(owner, attr)]
+                continue
+            _copy_dense(param, rows, tensor, name)
     missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -140,20 +162,110 @@ def build_model(
     return model.eval()
 
 
+_PARTS = {"qkv": 3, "gate_up": 2}  # checkpoint tensors fused into one of our matrices
+
+
+def _copy_dense(param: torch.Tensor, rows: slice | int | None, tensor: torch.Tensor | QWeight, name: str) -> None:
+    """Copy a checkpoint tensor into (a row block of) a dense parameter; both are [out, in] for matrices."""
+    if isinstance(tensor, QWeight):
+        tensor = dequantize(tensor, param.dtype)
+    dst = param if rows is None else param[_row_block(param, rows)]
+    _check_shape(name, tuple(dst.shape), tuple(tensor.shape))
+    dst.copy_(tensor)
+
+
+def _row_block(param: torch.Tensor, rows: slice | int) -> slice:
+    """The rows a fused part occupies: a slice as given, or gate (0) / up (1) as the two halves of gate_up."""
+    if isinstance(rows, slice):
+        return rows
+    half = param.shape[0] // 2
+    return slice(rows * half, (rows + 1) * half)
+
+
+def _store(
+    owner: torch.nn.Module,
+    attr: str,
+    parts: list[tuple[slice | int | None, torch.Tensor | QWeight]],
+    quantization: str,
+    device: torch.device,
+) -> None:
+    """Store a complete matrix: quantized if any part is (or ``quantization`` asks for it), else dense."""
+    param = getattr(owner, attr)
+    if not any(isinstance(t, QWeight) for _, t in parts) and quantization not in ("int8", "int4"):
+        for rows, t in parts:
+            _copy_dense(param, rows, t, attr)
+        return
+    if not all(isinstance(t, QWeight) or can_quantize(t) for _, t in parts):
+        for rows, t in parts:  # inputs not whole groups: this matrix stays dense
+            _copy_dense(param, rows, t, attr)
+        return
+    kind = stored_kind(quantization, head=attr == "lm_head") or "int8"
+    qparts = [t if isinstance(t, QWeight) else quantize(t, kind) for _, t in parts]
+    delattr(owner, attr)  # a registered Parameter cannot be reassigned to something else
+    setattr(owner, attr, _fuse(qparts).to(device))
+
+
+def _shape(t: torch.Tensor | QWeight) -> tuple[int, int]:
+    return (t.out_features, t.in_features) if isinstance(t, QWeight) else (t.shape[0], t.shape[1])
+
+
+def _part_shape(param: torch.Tensor, rows: slice | int | None) -> tuple[int, ...]:
+    """The [out, in] shape the checkpoint part of ``param`` at ``rows`` must have."""
+    return tuple(param.shape) if rows is None else tuple(param[_row_block(param, rows)].shape)
+
+
+def _check_shape(name: str, expected: tuple[int, ...], got: tuple[int, ...]) -> None:
+    if expected != got:
+        raise ValueError(f"weight {name} has shape {got}, which does not fit the config (expected {expected})")
+
+
+def _fuse(pieces: list[QWeight]) -> QWeight:
+    """Stack the row blocks (q|k|v, gate|up) of one matrix. Parts of different kinds (a K-quant mix may store v
+    in a type that has no exact kernel) are all stored int8: the more precise kind, within half an int8 step."""
+    if len({p.kind for p in pieces}) > 1:
+        pieces = [p if p.kind == "int8" else quantize(dequantize(p), "int8") for p in pieces]
+    if len(pieces) == 1:
+        return pieces[0]
+    zero = None if pieces[0].zero is None else torch.cat([p.zero for p in pieces])  # type: ignore[misc]
+    return QWeight(torch.cat([p.q for p in pieces]), torch.cat([p.scale for p in pieces]), zero)
+
+
 def _target(
     model: LlamaForCausalLM, name: str, layer_map: dict[str, tuple[str, slice | int | None]]
-) -> tuple[torch.Tensor, slice | int | None] | None:
+) -> tuple[torch.nn.Module, str, slice | int | None] | None:
+    """Where a checkpoint tensor goes: (module, attribute, column range or stack index)."""
     if name == "model.embed_tokens.weight":
-        return model.embed, None
+        # Tied: the embedding is the LM head (its [vocab, hidden] rows are the head's [out, in]).
+        return (model, "lm_head", None) if model.embed is None else (model, "embed", None)
     if name == "model.norm.weight":
-        return model.norm, None
+        return model, "norm", None
     if name == "lm_head.weight":
-        return None if model.cfg.tie_word_embeddings else (model.lm_head, None)
+        return None if model.cfg.tie_word_embeddings else (model, "lm_head", None)
     if not name.startswith("model.layers."):
         return None
     idx, _, suffix = name[len("model.layers.") :].partition(".")
     entry = layer_map.get(suffix)
     if entry is None or int(idx) >= len(model.layers):
         return None
-    param = getattr(model.layers[int(idx)], entry[0])
-    return None if param is None else (param, entry[1])
+    layer = model.layers[int(idx)]
+    return None if getattr(layer, entry[0]) is None else (layer, entry[0], entry[1])
+
+
+def weight_precision(model: LlamaForCausalLM) -> str:
+    """How the model's matrices are stored: ``dense`` or e.g. ``int4 (lm_head int8)``, ``int4+int8 (mixed)``."""
+    layers = {m.kind if isinstance(m, QWeight) else "dense" for layer in model.layers for m in _matrices(layer)}
+    head = model.lm_head.kind if isinstance(model.lm_head, QWeight) else "dense"
+    body = "+".join(sorted(layers)) if len(layers) > 1 else next(iter(layers))
+    return body if head == body else f"{body} (lm_head {head})"
+
+
+def _matrices(layer: torch.nn.Module) -> list[torch.Tensor | QWeight]:
+    return [layer.qkv, layer.o, layer.gate_up, layer.down]
+
+
+def precision_fingerprint(fingerprint: str, precision: str) -> str:
+    """The cache root for weights run at ``precision``: dense keeps the file's fingerprint (so caches written before
+    quantization existed stay valid), anything else gets its own."""
+    if precision == "dense":
+        return fingerprint
+    return hashlib.sha256(f"{fingerprint}|{precision}".encode()).hexdigest()

@@ -26,6 +26,7 @@ from promptcache.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from promptcache.model.gguf_model import GGUFModel
+    from promptcache.model.quant import QWeight
     from promptcache.tokenizer import Tokenizer
 
 EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "data" / "default_model"
@@ -84,11 +85,12 @@ class ModelSource:
 
         return self.gguf.fingerprint() if self.kind == "gguf" else model_fingerprint(self.path)
 
-    def tensors(self, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight under its Hugging Face name."""
+    def tensors(self, dtype: torch.dtype, quantization: str = "none") -> Iterator[tuple[str, torch.Tensor | QWeight]]:
+        """Every weight under its Hugging Face name (a GGUF's quantized matrices as ``QWeight``s where
+        ``quantization`` keeps them; see ``GGUFModel.tensors``)."""
         from promptcache.model.loader import hf_tensors
 
-        return self.gguf.tensors(dtype) if self.kind == "gguf" else hf_tensors(self.path)
+        return self.gguf.tensors(dtype, quantization) if self.kind == "gguf" else hf_tensors(self.path)
 
 
 def installed_smollm2() -> Path | None:
