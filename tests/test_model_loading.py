@@ -77,7 +77,7 @@ def test_bfloat16_weights_load_into_a_float32_engine(model_factory, tmp_path: Pa
     weights = {k: v.to(torch.bfloat16) for k, v in load_file(folder / "model.safetensors").items()}
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     llm = LLM(model=str(folder), num_kv_blocks=16, dtype="float32")
-    assert llm.engine.model.layers[0].qkv.dtype == torch.float32
+    assert llm.engine.model.layers[0].input_norm.dtype == llm.engine.model.norm.dtype == torch.float32
     assert llm.generate([[1, 2, 3]])[0].token_ids
 
 

@@ -16,7 +16,7 @@ from gguf_files import write_gguf
 from promptcache import LLM, SamplingParams
 from promptcache.engine.engine import EngineConfig
 from promptcache.model.loader import _fuse, weight_precision
-from promptcache.model.quant import GROUP, QWeight, dequantize, linear, quantize
+from promptcache.model.quant import GROUP, QWeight, Transposed, dequantize, linear, quantize
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 # K-quants need rows of 256: the same small shape as tests/test_gguf.py.
@@ -27,6 +27,11 @@ SHAPE = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
 def prompt(seed: int, length: int, vocab: int = 8192) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(vocab) for _ in range(length)]
+
+
+def as_out_in(w: torch.Tensor | Transposed) -> torch.Tensor:
+    """A dense matrix as [out, in] (an eager engine keeps float32 ones [in, out])."""
+    return w.t.T if isinstance(w, Transposed) else w
 
 
 def groups(w: torch.Tensor) -> torch.Tensor:
@@ -107,8 +112,8 @@ def test_a_gguf_runs_at_its_own_precision_with_the_files_exact_values(model_fact
     layer, ref = own_model.layers[0], dense_model.layers[0]
     assert isinstance(layer.qkv, QWeight) and isinstance(layer.down, QWeight)
     # the codes are the file's: dequantized they are exactly the dense load (q/k rows un-permuted alike)
-    assert torch.equal(dequantize(layer.qkv), ref.qkv)
-    assert torch.equal(dequantize(layer.down), ref.down)
+    assert torch.equal(dequantize(layer.qkv), as_out_in(ref.qkv))
+    assert torch.equal(dequantize(layer.down), as_out_in(ref.down))
     ids = prompt(3, 40)
     torch.testing.assert_close(our_prefill_logits(own, ids), our_prefill_logits(dense, ids), rtol=1e-4, atol=1e-4)
     assert own.generate(ids, GREEDY)[0].token_ids == dense.generate(ids, GREEDY)[0].token_ids

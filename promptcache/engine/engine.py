@@ -42,10 +42,10 @@ class EngineConfig:
     # Weights: "auto" keeps a GGUF's own quantized precision where a kernel exists (Q8_0 as int8, Q4_0/Q4_1/Q4_K
     # as int4) and dense models dense; "none" dequantizes everything; "int8" / "int4" quantize at load.
     quantization: str = "auto"
-    # torch.compile the decode step (batch buckets 1..16, paid at start-up); PROMPTCACHE_COMPILE=0 changes the
-    # default (the test suite's many small engines would each pay seconds of compilation).
+    # torch.compile the decode step (the fused one-row step, and the 2-16 row products; paid at start-up, on CPU);
+    # PROMPTCACHE_COMPILE=0 changes the default (the test suite's many small engines would each pay seconds).
     compile: bool = field(default_factory=lambda: os.environ.get("PROMPTCACHE_COMPILE", "1") != "0")
-    compile_buckets: tuple[int, ...] = kernels.DEFAULT_BUCKETS  # decode batch sizes compiled (up to max_num_seqs)
+    compile_buckets: tuple[int, ...] = kernels.DEFAULT_BUCKETS  # batch sizes of the fused step (<= max_num_seqs)
     attention: str = "paged"  # "paged": read the KV pool in place; "gather": copy each context out first (old)
     block_size: int = 16
     kv_cache_memory_gb: float | None = None
@@ -129,10 +129,14 @@ class LLMEngine:
         self.fingerprint = precision_fingerprint(self.source.fingerprint(), self.precision)
         self.source.release()
         self.compile_seconds: float | None = None
-        if cfg.compile:
+        # NOTE: CPU only for now: the CUDA path (inductor's Triton kernels, CUDA graphs) has not run on a GPU yet.
+        if cfg.compile and self.device.type == "cpu":
             kernels.enable_quantized_kernels()
             buckets = tuple(b for b in cfg.compile_buckets if b <= cfg.max_num_seqs) or (1,)
             self.compile_seconds = self.model.enable_compile(buckets)
+        compiled = self.model.compiled
+        if compiled is None or compiled.failed is not None:
+            self.model.use_eager_layout()
         num_blocks = cfg.num_kv_blocks or self._blocks_from_memory()
         self.kv = KVCacheManager(
             num_blocks,

@@ -1,14 +1,20 @@
-"""``torch.compile`` for the decode step: which graphs exist, their batch buckets, the switch, and the fallback.
+"""``torch.compile`` for decode: which graphs exist, their batch buckets, the switch, and the fallback.
 
-Decode is memory-bound: each step streams every weight once for a handful of rows. Eager PyTorch spends the step
-in BLAS calls tuned for big products and in ~15 small ops per layer; inductor fuses each half of a layer (norm,
-projection, RoPE; and output projection, residual, norm, MLP) into a few loops, and turns a quantized projection
-into one pass over its integer codes (``quant.gemv``). Prefill is compute-bound and keeps the BLAS.
+Decode is memory-bound: each step streams every weight once for a handful of rows. Eager PyTorch spends a one-row
+step in BLAS calls tuned for big products and in ~15 small ops per layer. Two kinds of graphs fix that:
 
-Graphs are traced with static shapes, one per batch bucket (decode batches are padded up to the next bucket), and
-take every weight as an argument, so the layers of a model share one graph per bucket. Compiling costs seconds per
-bucket (inductor's on-disk cache makes a restart cheaper); ``CompiledDecode.warm_up`` pays it at start-up and
-reports it. Where compilation fails (no C++ compiler, an unsupported op), the engine logs why and runs eager.
+- the fused step (``CompiledDecode``), for one-row batches by default: each half of a layer (norm, projection,
+  RoPE; output projection, residual, norm, MLP) becomes a few loops, every projection a ``quant.gemv`` that
+  streams the weights (a quantized matrix as its integer codes) once. Its graphs take the weights as arguments,
+  so all layers share them; batches are padded up to the next bucket.
+- the product alone (``product``), for 2-16 rows in the eager layer: one graph per weight shape, dynamic in the
+  row count, for quantized and float32 matrices (bfloat16 ones are fast in the BLAS already).
+
+Prefill is compute-bound and keeps the BLAS (a quantized matrix is dequantized by a compiled kernel first). Fused
+graphs for 2-16 rows were measured slower here than the eager layer with compiled products (docs/kernels.md), so
+the default buckets are ``(1,)``. Compiling costs seconds (inductor's on-disk cache makes a restart cheaper);
+``CompiledDecode.warm_up`` pays it at start-up and reports it. Where compilation fails (no C++ compiler, an
+unsupported op), the engine logs why and runs eager.
 """
 
 from __future__ import annotations

@@ -20,9 +20,9 @@ from promptcache.model.attention import paged_attention
 from promptcache.model.config import ModelConfig
 from promptcache.model.context import ForwardContext
 from promptcache.model.kernels import DEFAULT_BUCKETS, CompiledDecode
-from promptcache.model.quant import QWeight, dequantize, linear, take_rows
+from promptcache.model.quant import QWeight, Transposed, dequantize, linear, take_rows
 
-Matrix = torch.Tensor | QWeight  # an [out, in] matrix: dense, or quantized
+Matrix = torch.Tensor | QWeight | Transposed  # an [out, in] matrix, dense or quantized (or a dense one [in, out])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -155,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
             return dequantize(take_rows(head, input_ids), self.dtype)
         # NOTE: tied embeddings are one matrix: the LM head's [vocab, hidden] rows are the embedding, which saves
         # a vocab x hidden copy (113 MB for SmolLM2).
-        return F.embedding(input_ids, head)
+        return F.embedding(input_ids, head.t.t() if isinstance(head, Transposed) else head)
 
     def forward(self, input_ids: torch.Tensor, ctx: ForwardContext, kv_cache: torch.Tensor) -> torch.Tensor:
         """input_ids [T]; kv_cache [layers, 2, slots, kv_heads, head_dim]. Returns hidden states [T, hidden]."""
@@ -203,6 +203,17 @@ class LlamaForCausalLM(nn.Module):
             except Exception as exc:
                 c.fail(exc)
         return final_logits(hidden, self.norm, self.lm_head, self.cfg.rms_norm_eps)
+
+    def use_eager_layout(self) -> None:
+        """Store dense float32 matrices ``[in, out]`` (``quant.Transposed``): the faster layout for the eager BLAS,
+        for an engine that decodes without compiling (switched off, or compilation failed)."""
+        owners = [(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
+        for owner, name in [*owners, (self, "lm_head")]:
+            w = getattr(owner, name)
+            if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu":
+                if name in owner._parameters:
+                    delattr(owner, name)  # a registered Parameter cannot be reassigned to something else
+                setattr(owner, name, Transposed(w.t().contiguous()))
 
     def enable_compile(self, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> float:
         """Compile the decode step for every bucket now, so no request pays for it; returns the seconds it took.
