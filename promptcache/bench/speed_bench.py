@@ -154,6 +154,8 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _run_child(spec: dict[str, Any], code_root: Path | None) -> dict[str, Any]:
     env = dict(os.environ)
+    # Compile in-process: inductor's worker pool would otherwise outlive a child for seconds and slow the next.
+    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     if code_root is not None:
         env["PYTHONPATH"] = str(code_root)  # before site-packages: this process imports that tree's promptcache
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
@@ -218,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         root = _baseline_tree(args.baseline_rev) if label == "baseline" else None
         spec = {**base, "label": label, "llm": configs[label]}
+        time.sleep(5)  # let the previous child's memory and threads go before measuring the next
         res = _run_child(spec, root)
         floor_ms = res["weight_bytes"] / bandwidth * 1000
         res["floor_ms"] = floor_ms
