@@ -17,7 +17,7 @@ from promptcache.cache.manager import KVCacheManager
 from promptcache.cache.tiers.base import KVLayout
 from promptcache.cache.tiers.stack import TierOptions, TierStack, build_tier_stack
 from promptcache.engine.request import Request, RequestOutput, SamplingParams
-from promptcache.engine.runner import ModelRunner
+from promptcache.engine.runner import ATTENTION_MODES, ModelRunner
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.scheduler import SCHEDULING_POLICIES, Scheduler
 from promptcache.model import kernels
@@ -28,7 +28,6 @@ from promptcache.tokenizer import IncrementalDetokenizer
 
 # The embedded 5M random-weight model (tests and offline tools use it; the default model is resolve_model(None)).
 DEFAULT_MODEL = EMBEDDED_MODEL
-ATTENTION_MODES = ("paged", "gather")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
