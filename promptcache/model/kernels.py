@@ -50,17 +50,18 @@ _dequantize_compiled: Callable[..., torch.Tensor] | None = None
 _gemv_compiled: Callable[..., torch.Tensor] | None = None
 
 
-def product(x: torch.Tensor, w: torch.Tensor | quant.QWeight) -> torch.Tensor:
-    """``x @ w.T`` outside the fused step: the compiled ``quant.gemv`` (one graph, dynamic in the row count) for
-    few rows, else the BLAS (a quantized matrix dequantized first)."""
+def product(x: torch.Tensor, w: torch.Tensor | quant.QWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w.T`` (+ bias) outside the fused step: the compiled ``quant.gemv`` (one graph, dynamic in the row
+    count) for few rows, else the BLAS (a quantized matrix dequantized first)."""
     fn = _gemv_compiled
     limit = GEMV_MAX_ROWS if isinstance(w, quant.QWeight) else FP32_GEMV_MAX_ROWS if w.dtype == torch.float32 else 0
     if fn is not None and x.shape[0] <= limit and x.device.type == "cpu":
         try:
-            return fn(x, w)
+            y = fn(x, w)
+            return y if bias is None else y + bias
         except Exception as exc:  # compile-time failure: note it once and stay eager from now on
             _disable(exc)
-    return torch.nn.functional.linear(x, dequantize(w, x.dtype) if isinstance(w, quant.QWeight) else w)
+    return torch.nn.functional.linear(x, dequantize(w, x.dtype) if isinstance(w, quant.QWeight) else w, bias)
 
 
 def dequantize(w: quant.QWeight, dtype: torch.dtype) -> torch.Tensor:

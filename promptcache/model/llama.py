@@ -23,6 +23,14 @@ from promptcache.model.kernels import DEFAULT_BUCKETS, CompiledDecode
 from promptcache.model.quant import QWeight, Transposed, dequantize, linear, take_rows
 
 Matrix = torch.Tensor | QWeight | Transposed  # an [out, in] matrix, dense or quantized (or a dense one [in, out])
+LAYER_MATRICES = ("qkv", "o", "gate_up", "down")  # each layer's projections (dense, quantized or transposed)
+
+
+def set_matrix(owner: nn.Module, name: str, value: Matrix) -> None:
+    """Replace a matrix attribute, which may still be the registered dense Parameter it started as."""
+    if name in owner._parameters:
+        delattr(owner, name)  # a registered Parameter cannot be reassigned to something else
+    setattr(owner, name, value)
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -170,9 +178,10 @@ class LlamaForCausalLM(nn.Module):
                 except Exception as exc:  # e.g. no C++ toolchain: the step reruns eagerly (same slots rewritten)
                     self.compiled.fail(exc)
         for i, layer in enumerate(self.layers):
-            q, k, v = attn_in(x, cos, sin, layer.weights(), self.spec)
+            w = layer.weights()
+            q, k, v = attn_in(x, cos, sin, w, self.spec)
             attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], ctx)
-            x = attn_out(x, attn, layer.weights(), self.spec)
+            x = attn_out(x, attn, w, self.spec)
         return x
 
     def _decode_compiled(
@@ -207,13 +216,11 @@ class LlamaForCausalLM(nn.Module):
     def use_eager_layout(self) -> None:
         """Store dense float32 matrices ``[in, out]`` (``quant.Transposed``): the faster layout for the eager BLAS,
         for an engine that decodes without compiling (switched off, or compilation failed)."""
-        owners = [(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
+        owners = [(layer, name) for layer in self.layers for name in LAYER_MATRICES]
         for owner, name in [*owners, (self, "lm_head")]:
             w = getattr(owner, name)
             if isinstance(w, torch.Tensor) and w.dtype == torch.float32 and w.device.type == "cpu":
-                if name in owner._parameters:
-                    delattr(owner, name)  # a registered Parameter cannot be reassigned to something else
-                setattr(owner, name, Transposed(w.t().contiguous()))
+                set_matrix(owner, name, Transposed(w.t().contiguous()))
 
     def enable_compile(self, buckets: tuple[int, ...] = DEFAULT_BUCKETS) -> float:
         """Compile the decode step for every bucket now, so no request pays for it; returns the seconds it took.

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from promptcache.model.config import ModelConfig
-from promptcache.model.llama import LlamaForCausalLM
+from promptcache.model.llama import LAYER_MATRICES, LlamaForCausalLM, set_matrix
 from promptcache.model.quant import QUANTIZATIONS, QWeight, can_quantize, dequantize, quantize, stored_kind
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def _layer_map(cfg: ModelConfig) -> dict[str, tuple[str, slice | int | None]]:
     }
 
 
-MATRICES = ("qkv", "o", "gate_up", "down", "lm_head")  # the projections that may be stored quantized
+MATRICES = (*LAYER_MATRICES, "lm_head")  # the projections that may be stored quantized
 
 
 def build_model(
@@ -190,19 +190,16 @@ def _store(
     device: torch.device,
 ) -> None:
     """Store a complete matrix: quantized if any part is (or ``quantization`` asks for it), else dense."""
-    param = getattr(owner, attr)
-    if not any(isinstance(t, QWeight) for _, t in parts) and quantization not in ("int8", "int4"):
+    wanted = any(isinstance(t, QWeight) for _, t in parts) or quantization in ("int8", "int4")
+    # inputs that are not whole groups keep the matrix dense
+    if not wanted or not all(isinstance(t, QWeight) or can_quantize(t) for _, t in parts):
+        param = getattr(owner, attr)
         for rows, t in parts:
-            _copy_dense(param, rows, t, attr)
-        return
-    if not all(isinstance(t, QWeight) or can_quantize(t) for _, t in parts):
-        for rows, t in parts:  # inputs not whole groups: this matrix stays dense
             _copy_dense(param, rows, t, attr)
         return
     kind = stored_kind(quantization, head=attr == "lm_head") or "int8"
     qparts = [t if isinstance(t, QWeight) else quantize(t, kind) for _, t in parts]
-    delattr(owner, attr)  # a registered Parameter cannot be reassigned to something else
-    setattr(owner, attr, _fuse(qparts).to(device))
+    set_matrix(owner, attr, _fuse(qparts).to(device))
 
 
 def _shape(t: torch.Tensor | QWeight) -> tuple[int, int]:
@@ -253,14 +250,11 @@ def _target(
 
 def weight_precision(model: LlamaForCausalLM) -> str:
     """How the model's matrices are stored: ``dense`` or e.g. ``int4 (lm_head int8)``, ``int4+int8 (mixed)``."""
-    layers = {m.kind if isinstance(m, QWeight) else "dense" for layer in model.layers for m in _matrices(layer)}
+    matrices = (getattr(layer, name) for layer in model.layers for name in LAYER_MATRICES)
+    layers = {m.kind if isinstance(m, QWeight) else "dense" for m in matrices}
     head = model.lm_head.kind if isinstance(model.lm_head, QWeight) else "dense"
     body = "+".join(sorted(layers)) if len(layers) > 1 else next(iter(layers))
     return body if head == body else f"{body} (lm_head {head})"
-
-
-def _matrices(layer: torch.nn.Module) -> list[torch.Tensor | QWeight]:
-    return [layer.qkv, layer.o, layer.gate_up, layer.down]
 
 
 def precision_fingerprint(fingerprint: str, precision: str) -> str:

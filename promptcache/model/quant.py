@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 GROUP = 32  # input features per scale (llama.cpp's block size for Q8_0 / Q4_0 / Q4_1, and Q4_K's sub-blocks)
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
@@ -183,8 +182,5 @@ def linear(x: torch.Tensor, w: torch.Tensor | QWeight | Transposed, bias: torch.
         return torch.mm(x, w.t) if bias is None else torch.addmm(bias, x, w.t)
     if kernels.compiling() and (isinstance(w, QWeight) or x.shape[0] <= DENSE_GEMV_MAX_ROWS):
         y = gemv(x, w)  # traced into the compiled decode step
-    elif isinstance(w, QWeight) or (w.dtype == torch.float32 and x.shape[0] <= kernels.FP32_GEMV_MAX_ROWS):
-        y = kernels.product(x, w)
-    else:
-        return F.linear(x, w, bias)
-    return y if bias is None else y + bias
+        return y if bias is None else y + bias
+    return kernels.product(x, w, bias)
