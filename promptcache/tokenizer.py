@@ -182,6 +182,10 @@ class Tokenizer:
 
     # ------------------------------------------------------------------------------------------ text <-> ids
 
+    def to_json(self) -> str:
+        """The ``tokenizers`` JSON of this tokenizer (what grammar engines build their token tables from)."""
+        return self._tok.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` applies ``tokenizer.json``'s post-processor (e.g. a BOS).
 

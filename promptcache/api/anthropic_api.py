@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from promptcache.api import constraints
 from promptcache.api.errors import APIError
 from promptcache.api.openai_api import TOOL_CALL, read_json, stream_response
 from promptcache.api.prompts import AnthropicPromptBody, Prompt
@@ -26,6 +27,7 @@ from promptcache.api.schemas import CountTokensRequest, MessagesRequest, route_d
 from promptcache.api.service import Service
 from promptcache.api.tenancy import Tenant
 from promptcache.engine.request import RequestOutput, SamplingParams
+from promptcache.engine.structured import StructuredOutput
 from promptcache.pricing import TokenUsage
 
 
@@ -224,6 +226,21 @@ async def _message_events(
         await stream.aclose()  # a client gone mid-stream: the request is aborted and its blocks freed
 
 
+def output_constraint(
+    body: MessagesRequest, raw: dict[str, Any], tag_tokens: bool = False
+) -> tuple[StructuredOutput | None, str]:
+    """The request's constraint: a forced tool choice (``any`` / ``tool``), else ``output_config.format`` /
+    ``output_format``, else ``strict`` tools under ``auto``."""
+    choice = body.tool_choice or {}
+    if body.tools and choice.get("type") in ("any", "tool"):
+        return constraints.anthropic_tool_constraint(body.tools, choice, tag_tokens), "tool_choice"
+    if (spec := constraints.anthropic_output_format(raw)) is not None:
+        return spec, "output_format"
+    if body.tools and choice.get("type") != "none":
+        return constraints.anthropic_tool_constraint(body.tools, choice, tag_tokens), "tools"
+    return None, ""
+
+
 # ---- the router ------------------------------------------------------------------------------------------------
 def build_router(service: Service, authenticate: Any) -> APIRouter:
     router = APIRouter()
@@ -235,7 +252,8 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
     @router.post("/v1/messages", **route_doc("POST", "/v1/messages"))
     async def messages(request: Request) -> Any:
         tenant = authenticate(request)
-        body = MessagesRequest.model_validate(await read_json(request))
+        raw = await read_json(request)
+        body = MessagesRequest.model_validate(raw)
         check_model(body.model)
         service.check_messages(len(body.messages))
         prompt = build_prompt(service, tenant, body)
@@ -247,6 +265,9 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
             stop=body.stop_sequences,
         )
         service.check(prompt.ids, params, tenant=tenant)
+        spec, param = output_constraint(body, raw, service.tool_tag_tokens)
+        await service.compile_constraint(tenant, body.cache_salt, spec, param)
+        params.structured_output = spec
         msg_id = f"msg_{uuid.uuid4().hex[:24]}"
         if body.stream:
             return await stream_response(_message_events(service, tenant, body, prompt, params, msg_id), service)

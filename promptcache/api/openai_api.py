@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from promptcache.api import constraints
 from promptcache.api.errors import APIError
 from promptcache.api.prompts import normalize_messages
 from promptcache.api.schemas import ChatCompletionRequest, CompletionRequest, OpenAIBody, route_doc
@@ -118,6 +119,11 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
                                  len(ids), service.max_model_len, service.max_tokens_cap(tenant))  # fmt: skip
         param_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         service.check(ids, params, param_name, tenant)
+        spec, spec_param = constraints.chat_constraint(body.tools, body.tool_choice, body.parallel_tool_calls,
+                                                       body.response_format, body.structured_outputs,
+                                                       service.tool_tag_tokens)  # fmt: skip
+        await service.compile_constraint(tenant, body.cache_salt, spec, spec_param)
+        params.structured_output = spec
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         cache_key = service.response_cache.key(tenant, "chat", raw) if service.response_cache else None
         if cache_key and not body.stream:
@@ -131,9 +137,10 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
         results = await run_n(service, tenant, body.cache_salt, ids, params, body.n, "openai",
                               body.retention_seconds)  # fmt: skip
         choices = []
+        parse_tools = bool(body.tools) and body.tool_choice != "none"
         for i, done in enumerate(results):
             out = done.output
-            text, calls = parse_tool_calls(out.text) if body.tools else (out.text, [])
+            text, calls = parse_tool_calls(out.text) if parse_tools else (out.text, [])
             message: dict[str, Any] = {"role": "assistant", "content": text if not calls else (text or None)}
             if calls:
                 message["tool_calls"] = calls
@@ -162,10 +169,13 @@ def build_router(service: Service, authenticate: Any) -> APIRouter:
         check_choices(len(prompts) * body.n)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         all_params = []
+        spec = constraints.vllm_constraint(body.structured_outputs)
+        await service.compile_constraint(tenant, body.cache_salt, spec, "structured_outputs")
         for ids in prompts:
             params = sampling_params(body, body.max_tokens, body.logprobs, len(ids), service.max_model_len,
                                      service.max_tokens_cap(tenant))  # fmt: skip
             service.check(ids, params, tenant=tenant)
+            params.structured_output = spec
             all_params.append(params)
         if body.stream:
             return await stream_response(

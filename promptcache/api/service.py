@@ -14,12 +14,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from promptcache.api.constraints import tags_are_tokens
 from promptcache.api.errors import APIError
 from promptcache.api.metrics import Metrics
 from promptcache.api.prompts import PromptRenderer
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from promptcache.engine.request import RequestOutput, SamplingParams
+from promptcache.engine.structured import StructuredOutput
 from promptcache.pricing import PriceTable, TokenUsage
 from promptcache.replay import make_replay_store, replay_ids
 
@@ -106,6 +108,8 @@ class Service:
         self.max_model_len = core.max_model_len
         self.block_size = core.kv.block_size
         self.vocab_size = core.model_config.vocab_size
+        # Whether tool-call grammars must name <tool_call> / </tool_call> as tokens (constraints.tags_are_tokens).
+        self.tool_tag_tokens = tags_are_tokens(self.tokenizer)
         # Prompt building lives apart from the engine so that a fleet router renders requests exactly as we do.
         self.prompts = PromptRenderer(self.tokenizer, self.replay)
 
@@ -164,6 +168,19 @@ class Service:
             params.validate(self.vocab_size)
         except ValueError as err:
             raise APIError(400, str(err)) from err
+
+    async def compile_constraint(
+        self, tenant: Tenant, cache_salt: str | None, spec: StructuredOutput | None, param: str
+    ) -> None:
+        """Compile a request's structured output ahead of its run, off the engine thread (the engine then finds it
+        cached); an invalid one is a 400 naming ``param`` and what is wrong."""
+        if spec is None:
+            return
+        grammars = self.engine.engine.grammars
+        try:
+            await asyncio.to_thread(grammars.compile, spec, tenant.namespace(cache_salt))
+        except ValueError as err:
+            raise APIError(400, f"{param}: {err}", param=param, code="invalid_schema") from err
 
     # ---- running ------------------------------------------------------------------------------------------
     async def stream(

@@ -20,6 +20,7 @@ from promptcache.engine.request import Request, RequestOutput, SamplingParams
 from promptcache.engine.runner import ATTENTION_MODES, ModelRunner
 from promptcache.engine.sampler import Sampler
 from promptcache.engine.scheduler import SCHEDULING_POLICIES, Scheduler
+from promptcache.engine.structured import GrammarCache
 from promptcache.model import kernels
 from promptcache.model.loader import load_model, precision_fingerprint, weight_precision
 from promptcache.model.quant import QUANTIZATIONS
@@ -157,6 +158,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.scheduling_policy)
         self.sampler = Sampler(self.device, cfg.seed)
         self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(self.model_config.eos_token_ids)
+        self.grammars = GrammarCache(self.tokenizer, self.model_config.vocab_size, sorted(self.eos_token_ids))
+        # The token a constrained request ends with once its grammar is complete (what the model is then forced to
+        # sample, appended without a step): the named EOS, as a chat template closes a turn with it.
+        named = self.tokenizer.eos_token_id
+        self.grammar_eos = named if named in self.eos_token_ids else min(self.eos_token_ids, default=None)
         self.requests: dict[str, Request] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._ids = itertools.count()
@@ -226,6 +232,8 @@ class LLMEngine:
 
         ``cache_breakpoints`` (prompt tokens, TTL seconds) pin those leading blocks in the device pool and the
         lower tiers; ``retention_seconds`` keeps the whole prompt in the lower tiers that long (OpenAI's 24h).
+        A ``structured_output`` is compiled here unless already cached (``grammars.compile`` ahead of time, off
+        this thread, avoids the wait); an invalid one raises ValueError.
         """
         params = params or SamplingParams()
         prompt_ids = self.encode_prompt(prompt)
@@ -233,6 +241,8 @@ class LLMEngine:
         rid = request_id or f"req-{next(self._ids)}"
         if rid in self.requests:
             raise ValueError(f"request id {rid!r} is already in use")
+        spec = params.structured_output
+        matcher = None if spec is None else self.grammars.matcher(spec, namespace)
         req = Request(
             request_id=rid,
             prompt_token_ids=prompt_ids,
@@ -244,6 +254,7 @@ class LLMEngine:
             cache_breakpoints=sorted(cache_breakpoints or []),
             block_size=self.kv.block_size,
             retention_seconds=retention_seconds,
+            matcher=matcher,
         )
         self.requests[rid] = req
         self._detok[rid] = IncrementalDetokenizer(self.tokenizer)
@@ -283,7 +294,9 @@ class LLMEngine:
             req.written_blocks.extend(i for i in written if i < req.num_prompt_tokens // prompt_blocks_of)
         if logits is None:
             return []
-        tokens, logprobs = self.sampler.sample(logits, [r.request_id for r in sampled], [r.params for r in sampled])
+        tokens, logprobs = self.sampler.sample(
+            logits, [r.request_id for r in sampled], [r.params for r in sampled], [r.matcher for r in sampled]
+        )
         now = time.perf_counter()
         for req in sampled:
             if (req.cache_breakpoints or req.retention_seconds) and req.metrics.first_token_time is None:
@@ -301,18 +314,33 @@ class LLMEngine:
         params = req.params
         prev_len = len(req.text)
         streamed = req.num_streamed_chars
+        new_tokens = [token]
         if token in req.eos_token_ids or token in params.stop_token_ids:
             self._finish(req, "stop", stop_reason=token)
         else:
+            complete = req.matcher is not None and self._grammar_complete(req, token)
             req.text += self._detok[req.request_id].push(token)
             stopped = bool(params.stop) and self._check_stop_strings(req, prev_len)
-            if not stopped and (req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len):
+            if not stopped and complete:  # nothing else may follow: end as the model would, with its EOS
+                if self.grammar_eos is not None:
+                    req.token_ids.append(self.grammar_eos)
+                    new_tokens.append(self.grammar_eos)
+                self._finish(req, "stop", stop_reason=self.grammar_eos)
+            elif not stopped and (
+                req.num_output_tokens >= params.max_tokens or len(req.token_ids) >= self.max_model_len
+            ):
                 self._finish(req, "length")
         # NOTE: while a stop string could still complete, hold back its length - 1 characters: text once
         # streamed is never taken back, so streamed pieces always add up to the final text.
         hold = 0 if req.finished or not params.stop else max(len(s) for s in params.stop) - 1
         req.num_streamed_chars = max(streamed, len(req.text) - hold)
-        return self._output(req, new_tokens=[token], new_text=req.text[streamed : req.num_streamed_chars])
+        return self._output(req, new_tokens=new_tokens, new_text=req.text[streamed : req.num_streamed_chars])
+
+    @staticmethod
+    def _grammar_complete(req: Request, token: int) -> bool:
+        """Advance a constrained request's grammar by ``token``; True once nothing can follow (or, never expected
+        since the sampler masks, the grammar refused the token)."""
+        return not req.matcher.consume_token(token) or req.matcher.is_stopped()
 
     def _pin_breakpoints(self, req: Request) -> None:
         """Pin the blocks up to each cache breakpoint for its TTL (a hit refreshes the pin: same call)."""

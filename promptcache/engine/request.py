@@ -5,8 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from promptcache.cache.manager import SeqBlocks
+from promptcache.engine.structured import StructuredOutput
 
 MIN_TEMPERATURE = 1e-5
 
@@ -17,6 +19,8 @@ class SamplingParams:
 
     temperature 0 is greedy. ``seed`` makes sampling reproducible per request, whatever else is in the batch.
     ``logprobs`` asks for the top-n log-probabilities of each generated token (the sampled one always included).
+    ``structured_output`` keeps the output inside a JSON schema, regex, choice list or grammar (engine/structured.py);
+    the request ends as soon as the output is complete.
     """
 
     temperature: float = 1.0
@@ -29,6 +33,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -127,6 +132,7 @@ class Request:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    matcher: Any = None  # the structured output's grammar state (llguidance LLMatcher), if constrained
     # Explicit cache breakpoints: (number of leading prompt tokens, TTL in seconds) to pin once prefilled.
     cache_breakpoints: list[tuple[int, float]] = field(default_factory=list)
     written_blocks: list[int] = field(default_factory=list)  # prompt blocks this request wrote into the cache

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from promptcache.engine.request import Logprob, SamplingParams
+from promptcache.engine.structured import TokenMasks
 
 
 class Sampler:
@@ -21,6 +23,7 @@ class Sampler:
         else:
             self._shared.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._masks = TokenMasks()
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -35,13 +38,22 @@ class Sampler:
         return gen
 
     def sample(
-        self, logits: torch.Tensor, request_ids: Sequence[str], params: Sequence[SamplingParams]
-    ) -> tuple[list[int], list[dict[int, Logprob] | None]]:
-        """logits [S, V] float32 -> a token per row, and its logprobs dict where the request asked for them."""
+        self, logits: torch.Tensor, request_ids: Sequence[str], params: Sequence[SamplingParams],
+        matchers: Sequence[Any] | None = None,
+    ) -> tuple[list[int], list[dict[int, Logprob] | None]]:  # fmt: skip
+        """logits [S, V] float32 -> a token per row, and its logprobs dict where the request asked for them.
+
+        ``matchers`` (a grammar state or None per row): constrained rows sample only among the tokens their grammar
+        allows; logprobs stay those of the model's own distribution.
+        """
+        choose_from = logits
+        rows = [i for i, m in enumerate(matchers or ()) if m is not None]
+        if rows:
+            choose_from = self._masks.apply(logits, rows, [matchers[i] for i in rows])  # type: ignore[index]
         if all(p.greedy for p in params):
-            tokens = logits.argmax(dim=-1)
+            tokens = choose_from.argmax(dim=-1)
         else:
-            tokens = self._sample_mixed(logits, request_ids, params)
+            tokens = self._sample_mixed(choose_from, request_ids, params)
         token_list = tokens.tolist()
         if all(p.logprobs is None for p in params):
             return token_list, [None] * len(token_list)
