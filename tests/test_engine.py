@@ -90,8 +90,9 @@ def test_generated_tokens_are_cached_for_the_next_request(varied: LLM, cold: LLM
     prompt = ids(4, 50)
     out = varied.generate([prompt], SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True))[0]
     follow = varied.generate([prompt + out.token_ids + ids(5, 10)], GREEDY)[0]
-    # Every token whose KV was computed (all but the last sampled one) is cached, down to a block.
-    assert follow.num_cached_tokens == (len(prompt) + len(out.token_ids) - 1) // BS * BS
+    # Every token whose KV was computed (all but the last sampled one) is cached: the full blocks, and the last
+    # partial block as a tail that the follow-up takes over.
+    assert follow.num_cached_tokens == len(prompt) + len(out.token_ids) - 1
     assert_same_as_cold(follow, cold)  # the KV written while decoding is as good as a prefill's
 
 
@@ -153,7 +154,7 @@ def test_second_chat_turn_hits_the_whole_first_turn_answer_included(varied_model
     out1, out2 = two_turns(llm)
     turn1 = out1.prompt_token_ids + out1.token_ids
     assert out2.prompt_token_ids[: len(turn1)] == turn1  # token-exact replay of our own answer
-    assert out2.num_cached_tokens == (len(turn1) - 1) // BS * BS
+    assert out2.num_cached_tokens == len(turn1) - 1  # every token whose KV exists (the last partial block: a tail)
     assert_same_as_cold(out2, cold, TURN2)
     # The case that needs replay: the answer's text does not re-tokenize to the ids that were generated.
     assert llm.tokenizer.encode(out1.text, add_special_tokens=False) != out1.token_ids

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from promptcache.cache.events import DEVICE, KVEventSink
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY, make_evictor
-from promptcache.cache.hashing import BlockHash, block_hash
+from promptcache.cache.hashing import BlockHash, block_hash, tail_hash
 
 
 @dataclass(eq=False)
@@ -34,6 +34,9 @@ class Block:
     pinned_until: float = 0.0
     pin_ttl: float = 0.0  # the TTL of the latest pin: a hit on a pinned block renews it for this long
     use_key: float | None = None  # the eviction policy's record of the block's uses (LFU); None when not cached
+    # A partial block (``manager.KVCacheManager`` tails): registered on this device only, never announced to the
+    # fleet nor spilled to a tier (they exchange full blocks), and taken, not shared, by the request that reuses it.
+    is_tail: bool = False
 
 
 class BlockPool:
@@ -123,8 +126,8 @@ class BlockPool:
         return out
 
     def addresses(self) -> list[BlockHash]:
-        """Every address registered now (in use or cached): what a KV-event snapshot reports for the device."""
-        return list(self._index)
+        """Every full block's address registered now (in use or cached): what a KV-event snapshot reports."""
+        return [h for h, blk in self._index.items() if not blk.is_tail]
 
     # ---- reference counting -------------------------------------------------------------------------------
     def acquire(self, blocks: Iterable[Block]) -> None:
@@ -148,7 +151,7 @@ class BlockPool:
                 blk = self._free.popleft()
             else:
                 blk = self._evictable.pop()
-                if self.on_evict is not None:
+                if self.on_evict is not None and not blk.is_tail:
                     self.on_evict(blk)
                 self._unregister(blk, evicted=True)
                 self.num_evictions += 1
@@ -179,34 +182,44 @@ class BlockPool:
                     self._evictable.add(blk)
 
     # ---- registration ---------------------------------------------------------------------------------------
-    def register(self, blk: Block, parent: BlockHash, token_ids: tuple[int, ...], h: BlockHash) -> Block:
+    def register(
+        self, blk: Block, parent: BlockHash, token_ids: tuple[int, ...], h: BlockHash, tail: bool = False
+    ) -> Block:
         """Give an in-use block whose KV is written its content address; returns the block now under ``h``.
 
         NOTE: only call after the block's KV is written. If another block already holds the same content
         (two requests computed one prefix at once), the index keeps the first; this block stays private and
-        returns to the free list when released.
+        returns to the free list when released. ``tail``: a partial block (see ``Block.is_tail``).
         """
         if not self.enable_caching or blk.block_hash is not None:
             return blk
         existing = self._index.get(h)
         if existing is not None:
             return existing
-        blk.block_hash, blk.parent_hash, blk.token_ids = h, parent, token_ids
+        blk.block_hash, blk.parent_hash, blk.token_ids, blk.is_tail = h, parent, token_ids, tail
         self._index[h] = blk
-        if self.events is not None:
+        if self.events is not None and not tail:
             self.events.stored(DEVICE, (h,))
         return blk
+
+    def take(self, blk: Block) -> None:
+        """Take a cached tail for one sequence: in use by it alone and unregistered, since that sequence writes
+        the rest of the block (NOTE: a registered block's content never changes; this one's will)."""
+        assert blk.is_tail and blk.ref_count == 0, "only an idle tail can be taken"
+        self.acquire([blk])
+        self._unregister(blk)
 
     def _unregister(self, blk: Block, evicted: bool = False) -> None:
         if blk.block_hash is not None:
             del self._index[blk.block_hash]
-            if self.events is not None:
+            if self.events is not None and not blk.is_tail:
                 self.events.removed(DEVICE, (blk.block_hash,))
             if evicted:
                 self.recently_evicted[blk.block_hash] = None
                 if len(self.recently_evicted) > 65536:
                     self.recently_evicted.popitem(last=False)
         blk.block_hash = blk.parent_hash = blk.token_ids = None
+        blk.is_tail = False
         blk.pinned_until = blk.pin_ttl = 0.0
         self._evictable.forget(blk)
         self._pins.pop(blk.block_id, None)
@@ -286,6 +299,8 @@ class BlockPool:
             if blk.block_hash is not None:
                 assert self._index.get(blk.block_hash) is blk, f"block {bid} is not indexed under its hash"
                 assert blk.token_ids is not None and blk.parent_hash is not None
-                assert block_hash(blk.parent_hash, blk.token_ids) == blk.block_hash, f"block {bid} hash mismatch"
+                address = tail_hash if blk.is_tail else block_hash
+                assert address(blk.parent_hash, blk.token_ids) == blk.block_hash, f"block {bid} hash mismatch"
+                assert not blk.is_tail or blk.ref_count == 0, f"tail {bid} is in use yet registered"
         assert len(free_ids) + len(evict_ids) + len(pinned_ids) + in_use == self.num_blocks
         assert all(b.block_hash == h for h, b in self._index.items())

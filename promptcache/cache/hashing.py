@@ -16,6 +16,7 @@ BlockHash = bytes
 _DIGEST_SIZE = 32
 _ROOT_PERSON = b"pc-root"
 _BLOCK_PERSON = b"pc-block"
+_TAIL_PERSON = b"pc-tail"
 
 
 def root_hash(model_fingerprint: str, dtype: str, namespace: str) -> BlockHash:
@@ -32,6 +33,14 @@ def root_hash(model_fingerprint: str, dtype: str, namespace: str) -> BlockHash:
 def block_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
     """The address of a full block, given its parent's address and its tokens."""
     h = blake2b(parent, digest_size=_DIGEST_SIZE, person=_BLOCK_PERSON)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+def tail_hash(parent: BlockHash, token_ids: Sequence[int]) -> BlockHash:
+    """The address of a partial block (a finished sequence's last, under-full block) after ``parent``: never equal
+    to a full block's address, so a lookup of full blocks cannot find it."""
+    h = blake2b(parent, digest_size=_DIGEST_SIZE, person=_TAIL_PERSON)
     h.update(array("q", token_ids).tobytes())
     return h.digest()
 

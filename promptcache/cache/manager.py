@@ -1,6 +1,11 @@
 """Per-sequence view of the block pool: prefix matching, growing block tables, registering written blocks.
 
 The scheduler talks to the cache only through ``KVCacheManager``; the runner only reads block ids.
+
+Tails: a finished sequence's last, partial block is kept too, under an address of its own (the parent chain plus
+its few tokens). The next turn of a conversation starts with every token of the previous turn, so it finds that
+tail right after its last full-block hit and takes the block over (it writes the rest of it). Without tails the
+last 1-15 tokens of every turn were recomputed: up to a block per turn.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from promptcache.cache.block_pool import Block, BlockPool
 from promptcache.cache.eviction import DEFAULT_EVICTION_POLICY
-from promptcache.cache.hashing import BlockHash, block_hash, root_hash
+from promptcache.cache.hashing import BlockHash, block_hash, root_hash, tail_hash
 
 if TYPE_CHECKING:  # NOTE: the cache package imports without torch; only the tiers (and the engine) need it
     from promptcache.cache.tiers.stack import TierPlan, TierStack
@@ -114,23 +119,34 @@ class KVCacheManager:
         """Give a sequence with no blocks its cached prefix plus room for ``num_tokens`` more tokens after it.
 
         ``hit`` is ``match(seq, token_ids)`` when the caller already has it; ``plan`` (``match_tiers``) names
-        blocks after it to load from lower tiers. Returns the number of cached tokens (a block that fails to load
-        ends the prefix: it and what follows are computed), or None (and changes nothing) when the pool has too
-        few blocks.
+        blocks after it to load from lower tiers. A tail right after a device hit adds its tokens to the prefix.
+        Returns the number of cached tokens (a block that fails to load ends the prefix: it and what follows are
+        computed), or None (and changes nothing) when the pool has too few blocks.
         """
         assert not seq.blocks, "allocate_prefix is for a sequence that holds no blocks"
         if hit is None:
             hit = self.match(seq, token_ids)
         n_plan = len(plan) if plan is not None else 0
         bs = self.block_size
-        need = self._need(hit, n_plan * bs + num_tokens)
+        tail, k = self._match_tail(seq, token_ids, len(hit)) if not n_plan else (None, 0)
+        held = hit + [tail] if tail is not None else hit
+        need = self._need(held, n_plan * bs + num_tokens - k)
         if need is None:
-            return None
+            if tail is None:
+                return None
+            tail, k, held = None, 0, hit  # no room for the tail's block: try without it
+            need = self._need(hit, num_tokens)
+            if need is None:
+                return None
         self.pool.acquire(hit)
         self.pool.refresh_pins(hit)
-        seq.blocks = hit + self.pool.allocate(need)
+        if tail is not None:
+            self.pool.take(tail)
+        seq.blocks = held + self.pool.allocate(need)
         seq.num_registered = len(hit)
-        seq.cached_by_tier = {"device": len(hit) * bs} if hit else {}
+        seq.cached_by_tier = {"device": len(hit) * bs + k} if hit or k else {}
+        if tail is not None:
+            return len(hit) * bs + k
         if plan is not None and n_plan:
             assert self.tiers is not None
             first = len(hit)
@@ -142,6 +158,20 @@ class KVCacheManager:
                 seq.cached_by_tier[name] = seq.cached_by_tier.get(name, 0) + bs
             seq.num_registered = first + loaded
         return seq.num_registered * bs
+
+    def _match_tail(self, seq: SeqBlocks, token_ids: Sequence[int], n: int) -> tuple[Block | None, int]:
+        """The longest idle tail that continues a hit of ``n`` full blocks, and its token count (leaving the last
+        token to compute)."""
+        if not self.enable_caching:
+            return None, 0
+        bs = self.block_size
+        parent = seq.hashes[n - 1] if n else seq.root
+        start = n * bs
+        for k in range(min(bs - 1, len(token_ids) - 1 - start), 0, -1):
+            blk = self.pool.lookup(tail_hash(parent, token_ids[start : start + k]))
+            if blk is not None and blk.is_tail and blk.ref_count == 0:
+                return blk, k
+        return None, 0
 
     def fits(self, hit: list[Block], num_tokens: int) -> bool:
         """Whether the pool has room for a device hit plus ``num_tokens`` more tokens (what a plan from the tiers
@@ -219,8 +249,21 @@ class KVCacheManager:
         if self.tiers is not None and num_blocks > 0:
             self.tiers.pin(seq.hashes[:num_blocks], until)
 
-    def free(self, seq: SeqBlocks) -> None:
-        """Release all of a sequence's blocks, tail first (so chains are evicted from their end)."""
+    def free(self, seq: SeqBlocks, computed: Sequence[int] | None = None) -> None:
+        """Release all of a sequence's blocks, tail first (so chains are evicted from their end).
+
+        ``computed``: the tokens whose KV the blocks hold (a finished request's); a partial last block is then kept
+        as a tail. A preempted request passes nothing: its blocks are wanted back soon, by others.
+        """
+        bs = self.block_size
+        i = len(computed) // bs if computed is not None else 0
+        if computed is not None and self.enable_caching and len(computed) % bs and i < len(seq.blocks):
+            blk = seq.blocks[i]
+            if blk.block_hash is None and blk.ref_count == 1 and (i == 0 or i <= len(seq.hashes)):
+                self._extend_hashes(seq, computed)
+                parent = seq.hashes[i - 1] if i else seq.root
+                tokens = tuple(computed[i * bs :])
+                self.pool.register(blk, parent, tokens, tail_hash(parent, tokens), tail=True)
         self.pool.release(reversed(seq.blocks))
         seq.blocks = []
         seq.num_registered = 0

@@ -92,6 +92,7 @@ class Scheduler:
             got = self.kv.allocate_prefix(req.seq, req.token_ids, n, hit, plan)
             if got is None:
                 break  # not enough blocks: wait for running requests to finish (FCFS, no overtaking)
+            n = min(len(req.token_ids) - got, budget)  # a tail after the hit (cache/manager.py) covers a few more
             self.waiting.popleft()
             req.num_computed = got
             if req.num_cached_tokens is None:
@@ -119,5 +120,5 @@ class Scheduler:
             self.running.remove(req)
         elif req in self.waiting:
             self.waiting.remove(req)
-        self.kv.free(req.seq)
+        self.kv.free(req.seq, req.token_ids[: req.num_computed])
         req.status = RequestStatus.FINISHED
