@@ -96,7 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           kv_events=not args.no_kv_events, max_body_mb=args.max_body_mb,
                           max_concurrent_per_tenant=args.max_concurrent_per_tenant,
                           max_tokens_limit=args.max_tokens_limit, max_messages=args.max_messages,
-                          body_timeout=args.body_timeout)  # fmt: skip
+                          body_timeout=args.body_timeout, max_stored_responses=args.max_stored_responses,
+                          stored_response_ttl=args.stored_response_ttl)  # fmt: skip
     app = create_app(AsyncEngine(engine), config)
     # SIGTERM (or Ctrl-C): stop accepting connections, let running requests finish for up to --shutdown-timeout
     # seconds (then abort them, freeing their blocks), stop publishing KV events, flush pending tier writes, exit 0.
@@ -150,6 +151,22 @@ def _is_loopback(host: str, ipaddress: object) -> bool:
         return ipaddress.ip_address(host).is_loopback  # type: ignore[attr-defined]
     except ValueError:
         return False
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
+    return value
 
 
 MODEL_HELP = (
@@ -250,6 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the most output tokens one request may ask for (more is a 400; a key's own max_tokens in "
                           "--api-keys-file wins; default: what the context leaves)")  # fmt: skip
     srv.add_argument("--max-messages", type=int, default=2048, help="messages one conversation may hold (more: 400)")
+    srv.add_argument("--max-stored-responses", type=_positive_int, default=1000,
+                     help="Responses API: stored responses kept per tenant for previous_response_id (the oldest go "
+                          "first)")  # fmt: skip
+    srv.add_argument("--stored-response-ttl", type=_positive_float, default=30 * 86400.0,
+                     help="Responses API: seconds a stored response is kept (default 30 days, as OpenAI)")  # fmt: skip
     srv.add_argument(
         "--body-timeout",
         type=float,

@@ -77,8 +77,8 @@ TIME = {
         },
     },
 }
-PROMPTS = [f"Describe pet number {i} as JSON, please: a {c} {k}." for i, (c, k) in
-           enumerate((c, k) for c in ("red", "green", "blue", "striped", "tiny") for k in ("cat", "dog", "fish", "owl"))]  # fmt: skip
+KINDS = [(c, k) for c in ("red", "green", "blue", "striped", "tiny") for k in ("cat", "dog", "fish", "owl")]
+PROMPTS = [f"Describe pet number {i} as JSON, please: a {c} {k}." for i, (c, k) in enumerate(KINDS)]
 
 
 def strict_schema(model: type[BaseModel]) -> dict:
@@ -118,11 +118,11 @@ def test_unconstrained_requests_in_a_mixed_batch_keep_their_greedy_outputs(varie
     plain = SamplingParams(temperature=0, max_tokens=24)
     alone = varied_llm.generate(PROMPTS[:3], plain)
     spec = StructuredOutput.json(strict_schema(Pet))
+    words = StructuredOutput(regex=r"[a-z]{3,8}( [a-z]{3,8}){2}")
     mixed = varied_llm.generate(
         [PROMPTS[0], PROMPTS[5], PROMPTS[1], PROMPTS[6], PROMPTS[2]],
         [plain, SamplingParams(temperature=0, max_tokens=120, structured_output=spec), plain,
-         SamplingParams(temperature=0, max_tokens=40, structured_output=StructuredOutput(regex=r"[a-z]{3,8}( [a-z]{3,8}){2}")),
-         plain],
+         SamplingParams(temperature=0, max_tokens=40, structured_output=words), plain],
     )  # fmt: skip
     assert [o.token_ids for o in (mixed[0], mixed[2], mixed[4])] == [o.token_ids for o in alone]
     assert_varied(alone[0].token_ids)
@@ -146,8 +146,8 @@ def test_choice_regex_and_lark_grammar(varied_llm: LLM) -> None:
 
 
 def test_a_constrained_request_hit_by_max_tokens_ends_with_length(varied_llm: LLM) -> None:
-    out = varied_llm.generate("x", SamplingParams(temperature=0, max_tokens=5,
-                                                  structured_output=StructuredOutput.json(strict_schema(Owner))))[0]  # fmt: skip
+    spec = StructuredOutput.json(strict_schema(Owner))
+    out = varied_llm.generate("x", SamplingParams(temperature=0, max_tokens=5, structured_output=spec))[0]
     assert out.finish_reason == "length" and len(out.token_ids) == 5 and out.text.startswith('{"name": "')
 
 

@@ -12,7 +12,7 @@ the message models below document exactly what it accepts.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
@@ -87,6 +87,8 @@ class OpenAIBody(_Open):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     cache_salt: str | None = Field(default=None, description="ours: a further cache partition inside the tenant")
     ignore_eos: bool = False
+    structured_outputs: dict[str, Any] | None = Field(default=None, description=(
+        "vLLM's extension: exactly one of json (a schema), regex, choice (a list), grammar (Lark), json_object"))
 
     @property
     def retention_seconds(self) -> float:
@@ -100,7 +102,10 @@ class ChatCompletionRequest(OpenAIBody):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = Field(default=None, description=(
+        'text, json_object, or json_schema ({"json_schema": {"name", "schema", "strict"}}): the output is constrained '
+        "to the schema (grammar-masked decoding)"))
 
 
 class CompletionRequest(OpenAIBody):
@@ -187,6 +192,125 @@ class _CountTokensRequestDoc(_AnthropicDoc, CountTokensRequest):
 
 class _MessagesRequestDoc(_AnthropicDoc, MessagesRequest):
     model_config = ConfigDict(title="MessagesRequest")
+
+
+# ---- OpenAI Responses: what input, tools and text formats look like ----------------------------------------------
+class InputTextPart(_Open):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+
+
+class InputMessage(_Open):
+    """A message item (``type`` may be left out). ``developer`` is read as ``system``; only text content."""
+
+    type: Literal["message"] = "message"
+    role: Literal["user", "system", "developer", "assistant"]
+    content: str | list[InputTextPart]
+
+
+class FunctionCallItem(_Open):
+    """A call the model made earlier (it joins the assistant message just before it)."""
+
+    type: Literal["function_call"]
+    call_id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    arguments: str = Field(description="JSON text of the arguments")
+
+
+class FunctionCallOutputItem(_Open):
+    """The result of a function call, for the model to read."""
+
+    type: Literal["function_call_output"]
+    call_id: str = Field(min_length=1)
+    output: str | list[InputTextPart]
+
+
+class FunctionTool(_Open):
+    """A function the model may call (only function tools are supported). ``strict`` defaults to true, as OpenAI's:
+    a call the model opens must then match ``parameters``."""
+
+    type: Literal["function"]
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolChoiceFunction(_Open):
+    type: Literal["function"]
+    name: str
+
+
+class TextFormatText(_Open):
+    type: Literal["text"]
+
+
+class TextFormatJSONObject(_Open):
+    type: Literal["json_object"]
+
+
+class TextFormatJSONSchema(_Open):
+    """The output must match ``schema`` (enforced by grammar-masked decoding whether or not ``strict`` is set)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: Literal["json_schema"]
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+TextFormat = Annotated[TextFormatText | TextFormatJSONObject | TextFormatJSONSchema, Field(discriminator="type")]
+
+
+class TextConfig(_Open):
+    format: TextFormat | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+
+
+class ResponsesRequest(_Open):
+    """``POST /v1/responses``. ``input``, ``tools`` and ``tool_choice`` are checked by
+    ``promptcache.api.responses_prompt`` and the endpoint (errors that name the item at fault)."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    previous_response_id: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+    store: bool | None = Field(default=None, description="false: not stored (default true)")
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = Field(default=None, description="accepted and echoed")
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    cache_salt: str | None = Field(default=None, description="ours: a further cache partition inside the tenant")
+    truncation: Literal["auto", "disabled"] | None = None
+    background: bool | None = Field(default=None, description="not supported: true is refused")
+    conversation: str | dict[str, Any] | None = Field(default=None, description="not supported: refused")
+
+    @property
+    def retention_seconds(self) -> float:
+        return RETENTION_SECONDS.get(self.prompt_cache_retention or "in_memory", 0.0)
+
+
+class _ResponsesRequestDoc(ResponsesRequest):
+    """The documented form: input items and tools as ``responses_prompt`` reads them."""
+
+    model_config = ConfigDict(title="ResponsesRequest")
+    input: str | list[InputMessage | FunctionCallItem | FunctionCallOutputItem] = Field(  # type: ignore[assignment]
+        min_length=1, description="a string (one user message) or input items"
+    )
+    tools: list[FunctionTool] | None = None  # type: ignore[assignment]
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceFunction | None = None  # type: ignore[assignment]
 
 
 class ExplainRequest(_Open):
@@ -349,6 +473,69 @@ class FleetState(_Open):
     """A replica's fleet facts (info, tokenizer, snapshot), or a router's view of its replicas."""
 
 
+class OutputText(_Open):
+    type: Literal["output_text"]
+    text: str
+    annotations: list[Any]
+
+
+class OutputMessage(_Open):
+    type: Literal["message"]
+    id: str
+    role: Literal["assistant"]
+    status: Literal["in_progress", "completed", "incomplete"]
+    content: list[OutputText]
+
+
+class OutputFunctionCall(_Open):
+    type: Literal["function_call"]
+    id: str
+    call_id: str
+    name: str
+    arguments: str
+    status: Literal["in_progress", "completed", "incomplete"]
+
+
+class ResponseUsage(_Open):
+    input_tokens: int
+    input_tokens_details: PromptTokensDetails
+    output_tokens: int
+    output_tokens_details: dict[str, int]
+    total_tokens: int
+    cost: Cost
+    cached_tokens_by_tier: dict[str, int] = Field(description="ours: cached_tokens by the tier they were read from")
+
+
+class ResponseObject(_Open):
+    """A response (OpenAI Responses API), as created, retrieved, and in the stream's lifecycle events."""
+
+    model_config = ConfigDict(title="Response")
+
+    id: str
+    object: Literal["response"]
+    created_at: int
+    status: Literal["completed", "incomplete", "in_progress"]
+    model: str
+    output: list[OutputMessage | OutputFunctionCall]
+    usage: ResponseUsage | None
+    previous_response_id: str | None
+    incomplete_details: dict[str, Any] | None
+
+
+class ResponseDeleted(_Open):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class InputItemList(_Open):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
 # ---- the document ------------------------------------------------------------------------------------------------
 def _errors(anthropic: bool, *statuses: int) -> dict[int | str, dict[str, Any]]:
     model = AnthropicError if anthropic else OpenAIError
@@ -401,6 +588,20 @@ for _path, _summary in (("/v1/fleet/info", "Fleet: this replica's model, tokeniz
                         ("/v1/fleet", "Router: its replicas, their health and load")):  # fmt: skip
     OPERATIONS[("GET", _path)] = (None, {"summary": _summary, "responses": {
         200: {"model": FleetState}, **_errors(False, *ADMIN_ERRORS, 404)}})  # fmt: skip
+OPERATIONS.update({
+    ("POST", "/v1/responses"): (_ResponsesRequestDoc, {
+        "summary": "Create a response (OpenAI Responses API; stored for previous_response_id unless store is false)",
+        "responses": {200: {"model": ResponseObject, "content": STREAM}, **_errors(False, *RUN_ERRORS)}}),
+    ("GET", "/v1/responses/{response_id}"): (None, {
+        "summary": "Retrieve a stored response",
+        "responses": {200: {"model": ResponseObject}, **_errors(False, *READ_ERRORS, 404)}}),
+    ("DELETE", "/v1/responses/{response_id}"): (None, {
+        "summary": "Delete a stored response",
+        "responses": {200: {"model": ResponseDeleted}, **_errors(False, *READ_ERRORS, 404)}}),
+    ("GET", "/v1/responses/{response_id}/input_items"): (None, {
+        "summary": "List a stored response's input items",
+        "responses": {200: {"model": InputItemList}, **_errors(False, 400, *READ_ERRORS, 404)}}),
+})  # fmt: skip
 SECURITY = {
     "bearer": {"type": "http", "scheme": "bearer", "description": "an API key, as OpenAI clients send it"},
     "x-api-key": {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "an API key, Anthropic's way"},

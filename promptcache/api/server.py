@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from promptcache import __version__
-from promptcache.api import fleet_api, openai_api, schemas
+from promptcache.api import fleet_api, openai_api, responses_api, schemas
 from promptcache.api.errors import APIError, ErrorBoundary, error_body
 from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import looks_anthropic
+from promptcache.api.response_store import DEFAULT_MAX_PER_TENANT, DEFAULT_TTL_SECONDS, make_response_store
 from promptcache.api.service import DEFAULT_MAX_MESSAGES, Service
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.engine.async_engine import AsyncEngine
@@ -37,6 +38,8 @@ class ServerConfig:
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a client gets to send its whole body (then 408)
     replica_name: str | None = None  # this server's name in a fleet (default: host-pid)
     kv_events: bool = True  # with a Redis tier, publish KV events for fleet routers
+    max_stored_responses: int = DEFAULT_MAX_PER_TENANT  # Responses API: stored responses per tenant (oldest go)
+    stored_response_ttl: float = DEFAULT_TTL_SECONDS  # Responses API: seconds a stored response is kept
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastAPI:
@@ -46,6 +49,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
                       cfg.max_concurrent_per_tenant, cfg.max_tokens_limit, cfg.max_messages)  # fmt: skip
     engine.max_waiting = cfg.max_waiting
     replica = fleet_api.Replica(service, cfg.replica_name or fleet_api.default_name(), cfg.kv_events)
+    # Stored responses (previous_response_id): with a Redis tier, in Redis too, so that any replica of the model
+    # continues a conversation another one started (scoped by the model's fingerprint, like the replay records).
+    core = engine.engine
+    responses = make_response_store(core.config.redis_url, core.fingerprint, cfg.max_stored_responses,
+                                    cfg.stored_response_ttl)  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -54,10 +62,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
         yield
         replica.close()
         engine.shutdown()
+        responses.close()
 
     app = FastAPI(title="promptcache", lifespan=lifespan)
     app.state.service = service
     app.state.replica = replica
+    app.state.responses = responses
     app.add_middleware(fleet_api.ReplicaHeaders, name=replica.name)
     app.add_middleware(BodyLimit, max_bytes=int(cfg.max_body_mb * (1 << 20)), timeout=cfg.body_timeout)
     app.add_middleware(ErrorBoundary)
@@ -152,6 +162,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig | None = None) -> FastA
 
     app.include_router(openai_api.build_router(service, authenticate))
     app.include_router(fleet_api.build_router(service, authenticate, replica))
+    app.include_router(responses_api.build_router(service, authenticate, responses))
     try:
         from promptcache.api import anthropic_api
     except ImportError:  # pragma: no cover - during development the Anthropic API may be absent

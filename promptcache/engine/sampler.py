@@ -23,7 +23,7 @@ class Sampler:
         else:
             self._shared.manual_seed(seed)
         self._generators: dict[str, torch.Generator] = {}
-        self._masks = TokenMasks()
+        self.masks = TokenMasks()
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -49,7 +49,7 @@ class Sampler:
         choose_from = logits
         rows = [i for i, m in enumerate(matchers or ()) if m is not None]
         if rows:
-            choose_from = self._masks.apply(logits, rows, [matchers[i] for i in rows])  # type: ignore[index]
+            choose_from = self.masks.apply(logits, rows, [matchers[i] for i in rows])  # type: ignore[index]
         if all(p.greedy for p in params):
             tokens = choose_from.argmax(dim=-1)
         else:
