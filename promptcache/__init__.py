@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["LLM", "Logprob", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "Logprob", "RequestOutput", "SamplingParams", "StructuredOutput"]
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
+    from promptcache.engine.structured import StructuredOutput
     from promptcache.llm import LLM
 
 
@@ -24,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from promptcache.engine import request
 
         return getattr(request, name)
+    if name == "StructuredOutput":
+        from promptcache.engine.structured import StructuredOutput
+
+        return StructuredOutput
     raise AttributeError(f"module 'promptcache' has no attribute {name!r}")

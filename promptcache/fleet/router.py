@@ -9,7 +9,12 @@ unchanged, with headers naming the replica and the router's predicted cached tok
 ones (``x-promptcache-replica``, ``x-promptcache-predicted-cached-tokens``, ``x-promptcache-cached-tokens``).
 
 State that must agree between router processes lives in Redis: the replicas' events, the load each router has
-dispatched (``load.py``), soft affinities and the replay records.
+dispatched (``load.py``), soft affinities, the replay records and the Responses API's stored responses.
+
+The Responses API (``/v1/responses``) is stateful: a turn continues from ``previous_response_id``, a record the
+replica that produced it stored (in its memory, and in Redis when it has one). The router reads the same record from
+Redis to compute the next turn's prompt, and remembers which replica produced each response id: lookups of a stored
+response, and a turn whose record it cannot read, go to that replica first.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -38,6 +44,8 @@ from promptcache.api import schemas
 from promptcache.api.errors import APIError, ErrorBoundary, error_body, is_anthropic
 from promptcache.api.limits import DEFAULT_BODY_TIMEOUT, DEFAULT_MAX_BODY_MB, BodyLimit
 from promptcache.api.prompts import AnthropicPromptBody, looks_anthropic
+from promptcache.api.response_store import RedisResponseStore, StoredResponse
+from promptcache.api.responses_prompt import response_prompt
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.cache.hashing import BlockHash
 from promptcache.fleet import keys
@@ -58,7 +66,11 @@ RETRY_STATUSES = frozenset({429, 502, 503, 504})  # busy or going away: another 
 FORWARDED = ("authorization", "x-api-key", "content-type", "accept", "anthropic-version", "anthropic-beta",
              "openai-organization", "openai-project", "user-agent")  # fmt: skip
 PASSED_BACK = ("content-type", "retry-after", "cache-control", REPORTED_HEADER)
-ROUTED = ("/v1/chat/completions", "/v1/completions", "/v1/messages")
+RESPONSES = "/v1/responses"
+ROUTED = ("/v1/chat/completions", "/v1/completions", "/v1/messages", RESPONSES)
+# A stored response: GET and DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items.
+STORED_PATHS = (RESPONSES + "/{response_id}", RESPONSES + "/{response_id}/input_items")
+SCAN_LIMIT = 1 << 20  # bytes of a streamed response searched for its id (it is in the first event)
 TOKEN_BUCKETS = (0, 16, 64, 256, 1024, 4096, 16384)
 
 
@@ -81,6 +93,9 @@ class RouterConfig:
     read_timeout: float = 600.0
     max_body_mb: float = DEFAULT_MAX_BODY_MB  # larger request bodies get a 413 at the router
     body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a client gets to send its whole body (then 408)
+    response_owners: int = 65536  # response ids whose producing replica the router remembers (LRU)
+    # Stored responses the router keeps from its Redis reads, per tenant: used only while Redis is down.
+    response_records: int = 64
 
 
 @dataclass
@@ -147,6 +162,84 @@ def error_event(path: str, message: str) -> bytes:
     return f"data: {json.dumps(body)}\n\n".encode()
 
 
+class ResponseOwners:
+    """Which replica produced each response id, for the ``capacity`` most recently used ids: where its record surely
+    is, even with no shared Redis. Thread-safe (decisions read it on worker threads).
+
+    NOTE: not per tenant: ids are random, and the replica checks the tenant of every record it serves."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = max(1, capacity)
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, response_id: Any) -> str | None:
+        """The replica that produced ``response_id`` (None: unknown, or not an id)."""
+        if not isinstance(response_id, str):
+            return None
+        with self._lock:
+            owner = self._owners.get(response_id)
+            if owner is not None:
+                self._owners.move_to_end(response_id)
+            return owner
+
+    def set(self, response_id: str, replica: str) -> None:
+        """``replica`` produced (or holds) ``response_id``; the least recently used id beyond the bound is dropped."""
+        with self._lock:
+            self._owners[response_id] = replica
+            self._owners.move_to_end(response_id)
+            while len(self._owners) > self.capacity:
+                self._owners.popitem(last=False)
+
+    def forget(self, response_id: str) -> None:
+        """``response_id`` was deleted."""
+        with self._lock:
+            self._owners.pop(response_id, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._owners)
+
+
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
+
+
+class _IdScanner:
+    """Finds a streamed response's id as its bytes pass by: the first event (``response.created``) carries
+    ``response.id``. Gives up after ``SCAN_LIMIT`` bytes, so a stream without one costs no more than that."""
+
+    def __init__(self, found: Callable[[str], None]) -> None:
+        self._found = found
+        self._buf = b""
+        self._seen = 0
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.done:
+            return
+        self._seen += len(chunk)
+        self._buf += chunk
+        # NOTE: the transport's chunks need not align with events: only a complete event (ended by a blank line) is
+        # parsed, and the rest waits for the next chunk.
+        while (end := _EVENT_END.search(self._buf)) is not None:
+            event, self._buf = self._buf[: end.start()], self._buf[end.end() :]
+            response_id = _event_response_id(event)
+            if response_id is not None:
+                self.done, self._buf = True, b""
+                self._found(response_id)
+                return
+        if self._seen > SCAN_LIMIT:
+            self.done, self._buf = True, b""
+
+
+def _event_response_id(event: bytes) -> str | None:
+    """``response.id`` in one SSE event's JSON data, or None."""
+    data = b"\n".join(line[5:].strip() for line in event.splitlines() if line.startswith(b"data:"))
+    response = _json_object(data).get("response")
+    rid = response.get("id") if isinstance(response, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
 class Router:
     """The router's state: replicas, what they hold, their load, the policy; ``decide`` then ``forward`` serve one
     request."""
@@ -170,6 +263,10 @@ class Router:
         self.loads: LoadBook | None = None
         self.policy: Policy = make_policy(cfg.policy, cfg.decode_weight, cfg.tier_weights, cfg.affinity_tokens)
         self.pending: dict[str, OrderedDict[BlockHash, float]] = {}
+        self.owners = ResponseOwners(cfg.response_owners)
+        # The replicas' stored responses, read to compute the prompt of a turn that continues one (made when the
+        # fleet's model is known: its fingerprint scopes the records).
+        self.responses: RedisResponseStore | None = None
         # NOTE: reading the loads, ranking and reserving the winner's load happen under one lock: decisions run on
         # worker threads, and two that overlapped would otherwise both see an idle replica and herd onto it.
         self._deciding = threading.Lock()
@@ -191,6 +288,8 @@ class Router:
         self.follower.close()
         if self.loads is not None:
             self.loads.close()
+        if self.responses is not None:
+            self.responses.close()
         await self.client.aclose()
         self.link.close()
 
@@ -199,6 +298,10 @@ class Router:
         if self.loads is None:
             self.loads = LoadBook(self.link, self.model.scope, self.cfg.router_id)
             self.loads.start()
+        if self.responses is None and self.cfg.redis_url:
+            # The replicas scope their stored responses by the model's fingerprint, as their replay records.
+            self.responses = RedisResponseStore(self.cfg.redis_url, self.model.fingerprint,
+                                                max_per_tenant=self.cfg.response_records)  # fmt: skip
         self.follower.follow(replica.name, self.model.scope)
         self.pending.setdefault(replica.name, OrderedDict())
 
@@ -217,6 +320,13 @@ class Router:
                 return r.completion_prompts(body["prompt"])[0], body.get("cache_salt")
             if path == "/v1/messages":
                 return r.anthropic(tenant.name, AnthropicPromptBody.model_validate(body)).ids, body.get("cache_salt")
+            if path == RESPONSES:
+                previous = None
+                if body.get("previous_response_id") is not None:
+                    previous = self.previous_response(tenant, body["previous_response_id"])
+                    if previous is None:  # unreadable here: the replica that produced it is asked first (``decide``)
+                        return None
+                return response_prompt(r, tenant.name, body, previous).ids, body.get("cache_salt")
             if path == "/v1/cache/explain":
                 api = body.get("api") or ("anthropic" if "system" in body or looks_anthropic(body) else "openai")
                 return r.explain_ids(api, tenant.name, body)
@@ -224,11 +334,26 @@ class Router:
             return None
         return None
 
+    def previous_response(self, tenant: Tenant, response_id: Any) -> StoredResponse | None:
+        """The tenant's stored response ``response_id`` from the shared Redis (None: no Redis, Redis down and not
+        read before, unknown, or another tenant's); blocking."""
+        if self.responses is None or not isinstance(response_id, str):
+            return None
+        return self.responses.get(tenant.name, response_id)
+
     def decide(
-        self, tenant: Tenant, path: str, body: dict[str, Any], forced: str | None = None, runs: bool = False
+        self,
+        tenant: Tenant,
+        path: str,
+        body: dict[str, Any],
+        forced: str | None = None,
+        runs: bool = False,
+        prefer: str | None = None,
     ) -> Decision:
         """Order the replicas for a request (blocking: Redis round trips; run it off the event loop). ``runs``: it
-        will run there, so the winner's load is reserved and its prompt's blocks are expected there at once."""
+        will run there, so the winner's load is reserved and its prompt's blocks are expected there at once.
+        ``prefer``: the replica holding the state the request reads (the producer of a stored response): first when
+        there is no prompt to route on, else the affinity replica."""
         start = time.perf_counter()
         up = [r for r in self.replicas.up() if r.name is not None]
         if forced is not None:
@@ -248,7 +373,7 @@ class Router:
                 hashes = []
         in_redis = self._in_redis(hashes)
         aff_key = self._affinity_key(body)
-        aff_replica = self._affinity(tenant, aff_key) if aff_key else None
+        aff_replica = prefer or (self._affinity(tenant, aff_key) if aff_key else None)
         block_size = self.model.block_size if self.model else 16
         with self._deciding:
             now = time.monotonic()
@@ -263,6 +388,10 @@ class Router:
                 candidates.append(Candidate(r.name, tiers, load, affinity=r.name == aff_replica,
                                             weights=measured_weights(r.rates, block_size)))  # fmt: skip
             order = self.policy.rank(candidates, n_prompt, block_size)
+            if prompt is None and prefer is not None:
+                # NOTE: nothing to weigh, and the request reads state that surely lives on ``prefer`` (without a
+                # shared Redis, only there): it goes first, the rest in load order in case it is down.
+                order.sort(key=lambda c: c.name != prefer)
             ticket = None
             if runs and order:
                 ticket = self._dispatch(order[0], n_prompt)
@@ -323,13 +452,24 @@ class Router:
 
     # ---- forwarding ------------------------------------------------------------------------------------------
     async def forward(
-        self, request: Request, path: str, body: bytes, tenant: Tenant, decision: Decision, runs: bool = True
+        self,
+        request: Request,
+        path: str,
+        body: bytes,
+        tenant: Tenant,
+        decision: Decision,
+        runs: bool = True,
+        produces: bool = False,
+        retry_missing: bool = False,
     ) -> Response:
         """Send the request to the first replica in ``decision.order`` that takes it; nothing reaches the client
         before a replica has answered its first bytes, so any earlier failure is retried on the next one. ``runs``: the
         replica computes the prompt (not an explain or a token count): its load is counted, and its blocks are
-        expected there next."""
+        expected there next. ``produces``: a successful answer is a new stored response, whose id (from the JSON
+        body or the first streamed event) is remembered as that replica's. ``retry_missing``: a 404 is retried on
+        the next replica too (a stored response that only some replica may hold); the last one's answer stands."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
+        retry_statuses = RETRY_STATUSES | {404} if retry_missing else RETRY_STATUSES
         last = "no replica is up"
         for n, cand in enumerate(decision.order):
             replica = self.replicas.by_name(cand.name)
@@ -358,7 +498,7 @@ class Router:
                 self.metrics.requests.labels(cand.name, "unreachable").inc()
                 last = f"{replica.name}: {type(err).__name__}: {err}"
                 continue
-            if upstream.status_code in RETRY_STATUSES and n + 1 < len(decision.order) and not decision.forced:
+            if upstream.status_code in retry_statuses and n + 1 < len(decision.order) and not decision.forced:
                 await upstream.aclose()
                 self._release(ticket)
                 self.metrics.requests.labels(cand.name, f"retried_{upstream.status_code}").inc()
@@ -379,6 +519,13 @@ class Router:
                 continue
             if runs and upstream.status_code < 400:
                 self._remember(tenant, decision, cand.name)
+            scanner = None
+            if produces and upstream.status_code < 400:
+                if chunks is None:
+                    self._produced(_json_object(first).get("id"), cand.name)
+                else:
+                    scanner = _IdScanner(lambda rid, name=cand.name: self._produced(rid, name))  # type: ignore[misc]
+                    scanner.feed(first)
             self._observe(cand, upstream)
             out_headers = {k: v for k, v in upstream.headers.items() if k.lower() in PASSED_BACK}
             out_headers.update(ours)
@@ -390,22 +537,29 @@ class Router:
             if ticket is not None and self.loads is not None:
                 self.loads.prefilled(ticket)
             self.metrics.requests.labels(cand.name, str(upstream.status_code)).inc()
-            return _Relay(self._relay(path, replica, first, chunks), upstream.status_code, out_headers,
-                          lambda up=upstream, t=ticket: self._close_stream(up, t))  # type: ignore[misc]
+            relay = self._relay(path, replica, first, chunks, scanner)
+            return _Relay(relay, upstream.status_code, out_headers,
+                          lambda up=upstream, t=ticket: self._close_stream(up, t))  # type: ignore[misc]  # fmt: skip
         raise APIError(503, f"no replica could serve the request: {last}", headers={"Retry-After": "1"})
 
     async def _relay(
-        self, path: str, replica: Replica, first: bytes, chunks: AsyncIterator[bytes]
+        self, path: str, replica: Replica, first: bytes, chunks: AsyncIterator[bytes], scanner: _IdScanner | None
     ) -> AsyncIterator[bytes]:
         yield first
         try:
             async for chunk in chunks:
+                if scanner is not None and not scanner.done:
+                    scanner.feed(chunk)
                 yield chunk
         except httpx.TransportError as err:  # the stream had started: end it with an error event, as the API does
             self.replicas.failed(replica, f"failed mid-stream: {type(err).__name__}")
             self.metrics.requests.labels(replica.name or replica.url, "failed_mid_stream").inc()
             yield error_event(path, f"the replica serving this stream failed ({type(err).__name__}); retry the "
                                     "request")  # fmt: skip
+
+    def _produced(self, response_id: Any, replica: str) -> None:
+        if isinstance(response_id, str) and response_id:
+            self.owners.set(response_id, replica)
 
     async def _close_stream(self, upstream: httpx.Response, ticket: Ticket | None) -> None:
         self._release(ticket)  # first: nothing below may keep the load counted
@@ -457,7 +611,7 @@ class Router:
                 "model": None if model is None else {"name": model.served_name, "fingerprint": model.fingerprint,
                                                      "dtype": model.dtype, "block_size": model.block_size,
                                                      "scope": model.scope},
-                "redis": {"available": self.link.available}}  # fmt: skip
+                "redis": {"available": self.link.available}, "response_owners": len(self.owners)}  # fmt: skip
 
     def refresh_gauges(self) -> None:
         views = self.follower.views()
@@ -512,13 +666,47 @@ def create_router_app(cfg: RouterConfig) -> FastAPI:
         forced = request.headers.get(REPLICA_HEADER)
         if forced is not None and not tenant.admin:
             raise APIError(403, f"choosing the replica ({REPLICA_HEADER}) needs an admin API key")
-        decision = await asyncio.to_thread(router.decide, tenant, path, body, forced, True)
+        previous = body.get("previous_response_id") if path == RESPONSES else None
+        owner = router.owners.get(previous)
+        decision = await asyncio.to_thread(router.decide, tenant, path, body, forced, True, owner)
         if not decision.order:
             raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
-        return await router.forward(request, path, raw, tenant, decision)
+        # NOTE: a turn that continues a response of unknown origin which the router could not read: a replica that
+        # does not hold it answers 404 before running anything, and another may (without a shared Redis, each
+        # replica holds only its own), so each is asked in turn.
+        missing = previous is not None and owner is None and decision.prompt_tokens == 0
+        stores = path == RESPONSES and body.get("store") is not False  # an unstored response cannot be continued
+        return await router.forward(request, path, raw, tenant, decision, produces=stores,
+                                    retry_missing=missing)  # fmt: skip
 
     for route in ROUTED:
         app.add_api_route(route, routed, methods=["POST"], **schemas.route_doc("POST", route))
+
+    async def stored(request: Request, response_id: str) -> Response:
+        """A stored response (GET, DELETE) or its input items: the replica that produced it first, then the others
+        (they read the shared Redis). Of unknown origin, each replica is asked until one has it."""
+        authenticate(request)  # the replica checks that the record is this tenant's
+        # NOTE: forwarded as the client sent it: the decoded path of an id holding "?" or "%20" names another URL.
+        raw_path = request.scope.get("raw_path")
+        path = raw_path.decode("ascii", "replace") if isinstance(raw_path, bytes) else request.url.path
+        owner = router.owners.get(response_id)
+        decision = await asyncio.to_thread(router.decide, Tenant("-"), path, {}, None, False, owner)
+        if not decision.order:
+            raise APIError(503, "no replica is up", headers={"Retry-After": "1"})
+        resp = await router.forward(request, path, await request.body(), Tenant("-"), decision, runs=False,
+                                    retry_missing=owner is None)  # fmt: skip
+        if resp.status_code < 400:
+            if request.method == "DELETE":
+                router.owners.forget(response_id)
+            elif owner is None and router.model is not None and router.model.kv_prefix is None:
+                # NOTE: replicas without Redis share no records: the one that answered holds it, asked first next
+                # time. With Redis any replica answers, and that one is not where the conversation's blocks are.
+                router.owners.set(response_id, resp.headers[REPLICA_HEADER])
+        return resp
+
+    app.add_api_route(STORED_PATHS[0], stored, methods=["GET"], **schemas.route_doc("GET", STORED_PATHS[0]))
+    app.add_api_route(STORED_PATHS[0], stored, methods=["DELETE"], **schemas.route_doc("DELETE", STORED_PATHS[0]))
+    app.add_api_route(STORED_PATHS[1], stored, methods=["GET"], **schemas.route_doc("GET", STORED_PATHS[1]))
 
     async def anywhere(request: Request) -> Response:
         """Endpoints any replica answers alike: the least loaded one that is up."""
