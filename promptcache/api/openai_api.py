@@ -23,6 +23,7 @@ from promptcache.engine.request import Logprob, RequestOutput, SamplingParams
 
 DEFAULT_MAX_TOKENS = 512
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+TOOL_OPEN = "<tool_call>"
 
 
 def sampling_params(
@@ -289,9 +290,16 @@ async def chat_chunks(
         yield _sse({**base, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                          "logprobs": None, "finish_reason": None}]})  # fmt: skip
     top = body.top_logprobs or 0
+    parse_tools = bool(body.tools) and body.tool_choice != "none"
     for i, stream in enumerate(streams):  # choices one after another: each later one hits the first's prompt
+        held = _HeldToolCalls() if parse_tools else None
         async for out in _prepend(first_out, stream) if i == 0 else stream:
-            delta: dict[str, Any] = {"content": out.new_text} if out.new_text else {}
+            text = out.new_text if held is None else held.feed(out.new_text)
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if held is not None and out.finished:
+                delta, calls = held.finish(delta)
+                if calls:
+                    out = RequestOutput(**{**out.__dict__, "finish_reason": "tool_calls"})
             lp = None
             if body.logprobs and out.new_token_ids:
                 view = RequestOutput(**{**out.__dict__, "token_ids": out.new_token_ids,
@@ -310,6 +318,39 @@ async def chat_chunks(
         for o in outs:
             service.account(o)
     yield b"data: [DONE]\n\n"
+
+
+class _HeldToolCalls:
+    """A streamed reply that may hold ``<tool_call>`` blocks: text is streamed until a call may begin; the rest is
+    held, and at the end its calls go out as one ``tool_calls`` delta (the text around them as content)."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.holding = False
+
+    def feed(self, text: str) -> str:
+        """What of ``text`` can be streamed now."""
+        if self.holding:
+            self.held += text
+            return ""
+        pending = self.held + text
+        at = pending.find(TOOL_OPEN)
+        if at >= 0:
+            self.holding, self.held = True, pending[at:]
+            return pending[:at]
+        # a suffix that may be the start of "<tool_call>" waits for the next piece
+        keep = next((n for n in range(len(TOOL_OPEN) - 1, 0, -1) if pending.endswith(TOOL_OPEN[:n])), 0)
+        self.held = pending[len(pending) - keep :]
+        return pending[: len(pending) - keep]
+
+    def finish(self, delta: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The final delta: held text with its calls parsed out (``tool_calls`` with their indices)."""
+        rest, calls = parse_tool_calls(self.held)
+        content = delta.get("content", "") + rest
+        out: dict[str, Any] = {"content": content} if content else {}
+        if calls:
+            out["tool_calls"] = [{"index": k, **call} for k, call in enumerate(calls)]
+        return out, calls
 
 
 async def completion_chunks(

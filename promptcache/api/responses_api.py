@@ -77,13 +77,15 @@ def _text_format(body: ResponsesRequest) -> StructuredOutput | None:
     return constraints.response_format_constraint({"type": fmt.type}, "text.format")
 
 
-def output_constraint(body: ResponsesRequest) -> tuple[StructuredOutput | None, str]:
+def output_constraint(body: ResponsesRequest, tag_tokens: bool = False) -> tuple[StructuredOutput | None, str]:
     """The request's constraint and the parameter it comes from: a forced ``tool_choice`` (``required`` or a named
-    function) wins over ``text.format``, which wins over ``strict`` tools under ``auto``."""
+    function) wins over ``text.format``, which wins over ``strict`` tools under ``auto``. ``tag_tokens``:
+    ``Service.tool_tag_tokens``."""
     choice = _tool_choice(body.tool_choice)
     functions = _functions(body.tools)
     parallel = body.parallel_tool_calls is not False
-    tool_spec = constraints.tool_constraint(functions, choice, parallel) if functions or choice is not None else None
+    tool_spec = (constraints.tool_constraint(functions, choice, parallel, tag_tokens=tag_tokens)
+                 if functions or choice is not None else None)  # fmt: skip
     text_spec = _text_format(body)
     if choice == "required" or isinstance(choice, dict):
         return tool_spec, "tool_choice"
@@ -349,7 +351,7 @@ def build_router(service: Service, authenticate: Any, store: ResponseStore) -> A
             previous = await lookup(tenant, body.previous_response_id, "previous_response_id")
         prompt = response_prompt(service.prompts, tenant.name, raw, previous)
         service.check_messages(len(prompt.messages), "input")
-        spec, spec_param = output_constraint(body)
+        spec, spec_param = output_constraint(body, service.tool_tag_tokens)
         params = sampling_params(service, tenant, body, len(prompt.ids))
         service.check(prompt.ids, params, "max_output_tokens", tenant)
         await service.compile_constraint(tenant, body.cache_salt, spec, spec_param)

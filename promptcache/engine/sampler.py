@@ -49,11 +49,18 @@ class Sampler:
         choose_from = logits
         rows = [i for i, m in enumerate(matchers or ()) if m is not None]
         if rows:
-            choose_from = self.masks.apply(logits, rows, [matchers[i] for i in rows])  # type: ignore[index]
+            bitmask = self.masks.fill([matchers[i] for i in rows], logits.shape[1])  # type: ignore[index]
+            drawn = [j for j, i in enumerate(rows) if not params[i].greedy]
+            if drawn:  # sampled rows draw from the allowed tokens only
+                idx = torch.tensor([rows[j] for j in drawn], device=logits.device)
+                choose_from = logits.index_copy(0, idx, self.masks.masked(logits.index_select(0, idx), bitmask[drawn]))
         if all(p.greedy for p in params):
             tokens = choose_from.argmax(dim=-1)
         else:
             tokens = self._sample_mixed(choose_from, request_ids, params)
+        for j, i in enumerate(rows):  # greedy rows: the model's pick, unless the grammar refuses it
+            if params[i].greedy and not self.masks.allows(bitmask[j], int(tokens[i])):
+                tokens[i] = self.masks.masked(logits[i : i + 1], bitmask[j : j + 1]).argmax(dim=-1)[0]
         token_list = tokens.tolist()
         if all(p.logprobs is None for p in params):
             return token_list, [None] * len(token_list)

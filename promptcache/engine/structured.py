@@ -200,27 +200,26 @@ class GrammarCache:
 
 
 class TokenMasks:
-    """Applies the constrained rows' masks to a step's logits: one llguidance call fills every row's bitmask (in
-    parallel threads for several rows), then one masked_fill."""
+    """The grammar side of a sampling step.
+
+    One llguidance call fills every constrained row's bitmask (in parallel threads for several rows). A greedy row
+    then takes the model's argmax if the grammar allows it, and only otherwise the argmax over the allowed tokens:
+    the same token either way, and a real model writing valid output mostly needs no masking at all (llama.cpp's
+    sampler checks its pick first the same way). A sampled row is masked before sampling, so that temperature,
+    top-k and top-p act on the allowed tokens only.
+    """
 
     def __init__(self) -> None:
         self._executor: Any = None
-        self.calls = self.rows = 0  # steps that masked, and rows masked
+        self.calls = self.rows = self.masked_rows = 0  # steps with constraints, rows constrained, rows masked
         self.seconds = 0.0  # spent here (the benchmark reports it as a share of decode time)
 
-    def apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
-        """A copy of ``logits`` [S, V] where each row in ``rows`` keeps only the tokens its matcher allows."""
+    def fill(self, matchers: list[Any], vocab: int) -> torch.Tensor:
+        """Each matcher's bitmask of allowed tokens, [rows, ceil(vocab / 32)] int32 (bit t % 32 of word t // 32)."""
         start = time.perf_counter()
-        out = self._apply(logits, rows, matchers)
-        self.calls += 1
-        self.rows += len(rows)
-        self.seconds += time.perf_counter() - start
-        return out
-
-    def _apply(self, logits: torch.Tensor, rows: list[int], matchers: list[Any]) -> torch.Tensor:
-        words = (logits.shape[1] + 31) // 32
-        bitmask = torch.empty((len(rows), words), dtype=torch.int32)
-        if len(rows) == 1:
+        words = (vocab + 31) // 32
+        bitmask = torch.empty((len(matchers), words), dtype=torch.int32)
+        if len(matchers) == 1:
             matchers[0].unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
         else:
             if self._executor is None:
@@ -228,13 +227,28 @@ class TokenMasks:
 
                 self._executor = llguidance.LLExecutor()
             pairs = [(m, i) for i, m in enumerate(matchers)]
-            self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(rows))
+            self._executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), words * 4, len(matchers))
+        self.calls += 1
+        self.rows += len(matchers)
+        self.seconds += time.perf_counter() - start
+        return bitmask
+
+    @staticmethod
+    def allows(bitmask_row: torch.Tensor, token: int) -> bool:
+        """Whether one row's bitmask allows ``token``."""
+        return bool((int(bitmask_row[token >> 5]) >> (token & 31)) & 1)
+
+    def masked(self, logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+        """``logits`` [R, V] with every token its row's bitmask [R, W] disallows at -inf (a new tensor)."""
+        start = time.perf_counter()
         bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, : logits.shape[1]]
-        allowed = torch.from_numpy(bits).to(device=logits.device, dtype=torch.bool)
+        allowed = torch.from_numpy(bits).view(torch.bool).to(logits.device)
         # NOTE: a row that allows nothing (a grammar in an error state) is left unmasked: all -inf would make the
         # softmax NaN and fail the whole batch's step. The engine ends such a request when its token is refused.
-        allowed[~allowed.any(dim=1)] = True
-        out = logits.clone()
-        idx = torch.tensor(rows, device=logits.device)
-        out[idx] = out.index_select(0, idx).masked_fill(~allowed, float("-inf"))
+        empty = ~allowed.any(dim=1)
+        if bool(empty.any()):
+            allowed = allowed | empty[:, None]
+        out = torch.where(allowed, logits, float("-inf"))
+        self.masked_rows += logits.shape[0]
+        self.seconds += time.perf_counter() - start
         return out
