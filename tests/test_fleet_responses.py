@@ -11,18 +11,15 @@ going.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from conftest import LiveServer, keyed
+from conftest import DEFAULT_MODEL, LiveServer, keyed
 from redis_servers import RedisServer, free_ports
-from serve_processes import serve_args, wait_healthy
+from test_fleet import MODEL, Replica, until
 
 from promptcache.api.tenancy import Tenancy, Tenant
 from promptcache.fleet.router import (
@@ -36,41 +33,9 @@ from promptcache.fleet.router import (
 )
 
 BS = 16
-MODEL = "fleet-model"
 KEYS = {"key-alice": "alice", "key-bob": "bob", "key-admin": {"tenant": "ops", "admin": True}}
 INSTRUCTIONS = "You keep the lighthouse log. Answer in one short line, with the hour. " * 4
 TURNS = ["The lamp was lit at dusk.", "A ship passed the point at nine.", "Fog came in before midnight."]
-
-
-def until(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{what} not reached in {timeout} s")
-
-
-class Replica:
-    """A `promptcache serve` process (the embedded test model) sharing a Redis."""
-
-    def __init__(self, name: str, keys_file: Path, redis_url: str) -> None:
-        self.name, port = name, free_ports(1)[0]
-        self.url = f"http://127.0.0.1:{port}"
-        args = serve_args(port, "--replica-name", name, "--api-keys-file", str(keys_file), "--served-model-name",
-                          MODEL, "--kv-cache-memory-gb", "0.05", "--redis-url", redis_url, "--tier-load-policy",
-                          "always")  # fmt: skip
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Router(LiveServer):
@@ -103,10 +68,10 @@ def keys_file(tmp_path_factory) -> Path:
 def with_redis(keys_file, tmp_path_factory) -> Iterator[Router]:
     """Two `promptcache serve` processes sharing a redis-server, behind a router that reads it too."""
     redis = RedisServer(workdir=tmp_path_factory.mktemp("redis")).start()
-    replicas = [Replica(f"s{i}", keys_file, redis.url) for i in range(2)]
+    replicas = [Replica(f"s{i}", DEFAULT_MODEL, redis.url, keys_file).start() for i in range(2)]
     try:
         for r in replicas:
-            wait_healthy(r.proc, r.url, timeout=90)
+            r.wait()
         router = Router([r.url for r in replicas], redis.url, keys_file)
         yield router
         router.stop()
